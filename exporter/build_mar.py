@@ -1,0 +1,197 @@
+"""Build model_store/melanoma.mar from a checkpoint (or the demo weights). Called by build_mar.sh.
+
+Fails fast with one line on stderr and a non-zero exit, and never leaves a half-written file in
+the output folder: everything is staged in a temporary folder and moved in with one rename.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from exporter.checkpoint import ARCHITECTURE, CheckpointError, file_sha256, load_checkpoint
+from exporter.export import ExportError, demo_checkpoint, export_torchscript
+from handler.pipeline import METADATA_FILE, MODEL_CONFIG_FILE, MODEL_FILE, TTA_CHOICES, PipelineConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+HANDLER_DIR = ROOT / "handler"
+HANDLER_FILES = ("__init__.py", "pipeline.py", "melanoma_handler.py")
+
+
+class BuildError(Exception):
+    pass
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="build_mar.sh",
+        description="Pack a melanoma ResNeSt checkpoint (or, with none, the untrained demo model) "
+        "into a TorchServe archive.",
+    )
+    ap.add_argument("checkpoint", nargs="?", help="Lightning .ckpt, state_dict .pt/.pth or TorchScript file")
+    ap.add_argument("--model-name", default="melanoma", help="archive and endpoint name (default: melanoma)")
+    ap.add_argument("--version", default=None, help="model version (default: 1.0, or 0.0-demo for the demo)")
+    ap.add_argument("--threshold", type=float, default=0.5, help="decision threshold for the label (default 0.5)")
+    ap.add_argument("--tta-views", type=int, choices=TTA_CHOICES, default=8, help="TTA views (default 8)")
+    ap.add_argument("--output-dir", default=str(ROOT / "model_store"), help="where the .mar goes")
+    ap.add_argument("--force", action="store_true", help="overwrite an existing archive")
+    ap.add_argument("--trust-checkpoint", action="store_true",
+                    help="allow a pickle that needs code execution (only for files you trust)")
+    ap.add_argument("--batch-size", type=int, default=4, help="TorchServe batchSize (default 4)")
+    ap.add_argument("--max-batch-delay", type=int, default=5, help="TorchServe maxBatchDelay in ms (default 5)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads in the worker (0: all usable CPUs)")
+    ap.add_argument("--no-channels-last", action="store_true", help="trace in the default memory layout")
+    return ap.parse_args(argv)
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("torch", "resnest", "albumentations", "torchserve", "torch-model-archiver", "pillow", "numpy"):
+        try:
+            out[dist] = importlib_metadata.version(dist)
+        except importlib_metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def model_config(args: argparse.Namespace, cfg: PipelineConfig) -> dict[str, Any]:
+    return {
+        "minWorkers": 1,
+        "maxWorkers": 1,
+        "batchSize": args.batch_size,
+        "maxBatchDelay": args.max_batch_delay,
+        "responseTimeout": 60,
+        "startupTimeout": 120,
+        "handler": {**cfg.to_mapping(), "threads": args.threads},
+    }
+
+
+def build(args: argparse.Namespace) -> Path:
+    out_dir = Path(args.output_dir)
+    target = out_dir / f"{args.model_name}.mar"
+    if target.exists() and not args.force:
+        raise BuildError(f"{target} exists; pass --force to overwrite it")
+    if not out_dir.is_dir():
+        raise BuildError(f"output folder {out_dir} does not exist")
+    if args.batch_size < 1 or args.max_batch_delay < 0 or args.threads < 0:
+        raise BuildError("--batch-size must be >= 1, --max-batch-delay and --threads >= 0")
+    try:
+        cfg = PipelineConfig(tta_views=args.tta_views, threshold=args.threshold)
+    except ValueError as e:
+        raise BuildError(str(e)) from None
+    archiver = shutil.which("torch-model-archiver", path=str(Path(sys.executable).parent)) or shutil.which(
+        "torch-model-archiver"
+    )
+    if archiver is None:
+        raise BuildError("torch-model-archiver not found; run the README's set-up first")
+
+    demo = args.checkpoint is None
+    if demo:
+        ckpt = demo_checkpoint(cfg.image_size)
+        source = "demo (seed-initialised, untrained)"
+    else:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ckpt = load_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
+        for w in caught:
+            print(f"WARNING: {w.message}", file=sys.stderr)
+        source = Path(args.checkpoint).name
+    print(f"checkpoint: {source}: {ckpt.form}, head {ckpt.head} ({ckpt.outputs} output(s))", file=sys.stderr)
+    for note in ckpt.notes:
+        print(f"  note: {note}", file=sys.stderr)
+
+    ts = export_torchscript(ckpt, cfg.image_size, channels_last=not args.no_channels_last)
+    version = args.version or ("0.0-demo" if demo else "1.0")
+
+    with tempfile.TemporaryDirectory(prefix="build_mar.") as tmp_s:
+        tmp = Path(tmp_s)
+        model_path = tmp / MODEL_FILE
+        torch.jit.save(ts, str(model_path))
+        meta = {
+            "name": args.model_name,
+            "version": version,
+            "architecture": ARCHITECTURE,
+            "head": ckpt.head,
+            "outputs": ckpt.outputs,
+            "checkpoint_form": ckpt.form,
+            "source_file": source,
+            "weights_sha256": ckpt.sha256,
+            "torchscript_sha256": file_sha256(model_path),
+            "demo": demo,
+            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "memory_format": "contiguous" if args.no_channels_last else "channels_last",
+            "versions": versions(),
+        }
+        (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / MODEL_CONFIG_FILE).write_text(yaml.safe_dump(model_config(args, cfg), sort_keys=False))
+        pkg = tmp / "extra" / "handler"  # packed as a package so the handler imports handler.pipeline
+        pkg.mkdir(parents=True)
+        for name in HANDLER_FILES:
+            shutil.copy2(HANDLER_DIR / name, pkg / name)
+        export = tmp / "export"
+        export.mkdir()
+        cmd = [
+            archiver, "--model-name", args.model_name, "--version", version,
+            "--serialized-file", str(model_path),
+            "--handler", str(pkg / "melanoma_handler.py"),
+            "--extra-files", f"{tmp / 'extra'},{tmp / METADATA_FILE}",
+            "--config-file", str(tmp / MODEL_CONFIG_FILE),
+            "--export-path", str(export),
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        built = export / f"{args.model_name}.mar"
+        if proc.returncode != 0 or not built.is_file():
+            msg = (proc.stderr or proc.stdout).strip().splitlines()
+            raise BuildError(f"torch-model-archiver failed: {msg[-1] if msg else proc.returncode}")
+        # Same-folder temp file + rename: the archive appears whole or not at all.
+        fd, partial = tempfile.mkstemp(prefix=f".{args.model_name}.", suffix=".partial", dir=out_dir)
+        os.close(fd)
+        try:
+            shutil.copyfile(built, partial)
+            os.replace(partial, target)
+        except BaseException:
+            Path(partial).unlink(missing_ok=True)
+            raise
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        target = build(args)
+    except (BuildError, CheckpointError, ExportError) as e:
+        print(f"build_mar: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # an unexpected failure still gets one line; the traceback on request
+        if os.environ.get("BUILD_MAR_DEBUG"):
+            raise
+        print(f"build_mar: error: {type(e).__name__}: {e} (BUILD_MAR_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("build_mar: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    size = target.stat().st_size / 2**20
+    print(f"wrote {target} ({size:.0f} MiB)")
+    if args.checkpoint is None:
+        print("NOTE: this is the untrained DEMO model; its scores mean nothing. "
+              "Build from your checkpoint: ./build_mar.sh path/to/your.ckpt --force")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Checkpoint -> verified, frozen TorchScript that outputs one malignancy logit per image."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from exporter.checkpoint import LoadedCheckpoint, build_model, tensors_sha256
+
+DEMO_SEED = 20200817  # fixed: the demo archive is the same on every machine with the same torch
+TRACE_TOLERANCE = 1e-4  # max |logit(trace) - logit(eager)|
+VERIFY_BATCHES = (3, 8)  # two sizes other than the trace's 2, so a baked-in batch size is caught
+
+
+class MalignancyLogit(nn.Module):
+    """Wraps a 1- or 2-output model so that it returns N x 1 logits of 'malignant'.
+    For softmax heads, softmax(l)[1] == sigmoid(l1 - l0) exactly, so one pipeline serves both."""
+
+    def __init__(self, model: nn.Module, outputs: int) -> None:
+        super().__init__()
+        self.model = model
+        self.outputs = outputs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        if self.outputs == 2:
+            return out[:, 1:2] - out[:, 0:1]
+        return out
+
+
+class ExportError(Exception):
+    pass
+
+
+def demo_checkpoint(image_size: int = 128) -> LoadedCheckpoint:
+    """Deterministic, untrained weights whose scores still spread over (0, 1).
+
+    A freshly initialised ResNeSt gives nearly the same logit for every image, which would make
+    every numeric test vacuous. So the head is scaled, from pooled features of fixed synthetic
+    images, to logits of mean 0 and std 1.5. It is still untrained: its scores mean nothing.
+    """
+    torch.manual_seed(DEMO_SEED)
+    model = build_model(1).eval()
+    rng = np.random.default_rng(DEMO_SEED)
+    yy, xx = np.mgrid[0:image_size, 0:image_size] / image_size
+    images = []
+    for _ in range(32):
+        cx, cy, r = rng.uniform(0.25, 0.75, 2).tolist() + [rng.uniform(0.1, 0.35)]
+        blob = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r))
+        skin, lesion = rng.uniform(-1, 1.5, 3), rng.uniform(-2, 0.5, 3)
+        img = skin[:, None, None] * (1 - blob) + lesion[:, None, None] * blob
+        images.append(img + rng.normal(0, 0.2, img.shape))
+    x = torch.tensor(np.stack(images), dtype=torch.float32)
+    fc = model.fc
+    model.fc = nn.Identity()
+    with torch.inference_mode():
+        feats = model(x).double()
+    model.fc = fc
+    w = torch.randn(feats.shape[1], dtype=torch.float64)
+    z = feats @ w
+    scale = 1.5 / z.std()
+    with torch.no_grad():
+        fc.weight.copy_((w * scale).float()[None])
+        fc.bias.fill_(float(-(z.mean() * scale)))
+    sd = model.state_dict()
+    return LoadedCheckpoint(model, 1, "demo", tensors_sha256(sd), ["untrained demo weights"])
+
+
+def export_torchscript(ckpt: LoadedCheckpoint, image_size: int, channels_last: bool = True) -> torch.jit.ScriptModule:
+    """Trace, freeze and verify against the eager model; raise ExportError if they disagree."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    eager = MalignancyLogit(ckpt.module, ckpt.outputs).eval()
+    model = MalignancyLogit(ckpt.module, ckpt.outputs).eval()
+    if not isinstance(ckpt.module, torch.jit.ScriptModule):
+        # A copy in channels-last; the eager reference keeps the layout it was trained in.
+        model = MalignancyLogit(_copy(ckpt.module, ckpt.outputs).to(memory_format=memory_format), ckpt.outputs)
+        model.eval()
+    example = torch.randn(2, 3, image_size, image_size).contiguous(memory_format=memory_format)
+    with torch.inference_mode():
+        traced = torch.jit.trace(model, example, check_trace=False)
+    frozen = torch.jit.freeze(traced.eval())
+    verify(eager, frozen, image_size, memory_format)
+    return frozen
+
+
+def _copy(module: nn.Module, outputs: int) -> nn.Module:
+    clone = build_model(outputs).eval()
+    clone.load_state_dict(module.state_dict())
+    return clone
+
+
+def verify(eager: nn.Module, exported: torch.jit.ScriptModule, image_size: int,
+           memory_format: torch.memory_format) -> float:
+    gen = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for n in VERIFY_BATCHES:
+        x = torch.randn(n, 3, image_size, image_size, generator=gen)
+        with torch.inference_mode():
+            ref = eager(x)
+            got = exported(x.contiguous(memory_format=memory_format))
+        if got.shape != (n, 1):
+            raise ExportError(f"exported model returns {tuple(got.shape)} for a batch of {n}, expected ({n}, 1)")
+        worst = max(worst, float((got - ref).abs().max()))
+    if not worst <= TRACE_TOLERANCE:
+        raise ExportError(
+            f"the TorchScript export differs from the eager model by {worst:.2e} in logit "
+            f"(> {TRACE_TOLERANCE:.0e}); the checkpoint's model does not trace faithfully"
+        )
+    return worst

@@ -1,0 +1,133 @@
+"""TorchServe adapter: request rows -> pipeline -> one JSON response per request.
+
+All scoring logic lives in handler/pipeline.py; this file only speaks TorchServe: it reads the
+archive, unpacks request bodies, and maps bad input to a 4xx for that request alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from ts.torch_handler.base_handler import BaseHandler
+
+from handler.pipeline import (
+    METADATA_FILE,
+    MODEL_CONFIG_FILE,
+    InputError,
+    PipelineConfig,
+    Scorer,
+    load_tensor,
+    read_model_config,
+    result,
+)
+
+logger = logging.getLogger(__name__)
+
+JSON = "application/json"
+PHRASES = {400: "Bad Request", 413: "Payload Too Large", 415: "Unsupported Media Type", 500: "Internal Server Error"}
+HOW_TO_SEND = (
+    "send the image as the request body (curl -T img.jpg), as a multipart field "
+    "'data' or 'file', or as JSON {\"image\": \"<base64>\"}"
+)
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def request_bytes(row: Mapping[str, Any]) -> bytes:
+    """The image bytes of one request, whatever way it was sent."""
+    for key in ("data", "file", "body"):
+        if row.get(key) is not None:
+            value = row[key]
+            break
+    else:
+        names = ", ".join(sorted(str(k) for k in row)) or "none"
+        raise InputError(f"no image in the request (fields: {names}): {HOW_TO_SEND}")
+    if isinstance(value, Mapping):  # TorchServe already parsed an application/json body
+        image = value.get("image")
+        if not isinstance(image, str) or not image:
+            raise InputError("JSON body needs an \"image\" field holding the base64-encoded image")
+        if image.startswith("data:") and "," in image:  # data URL from a browser
+            image = image.split(",", 1)[1]
+        try:
+            return base64.b64decode(image, validate=True)
+        except (binascii.Error, ValueError):
+            raise InputError("the JSON \"image\" field is not valid base64") from None
+    if isinstance(value, (bytes, bytearray)):
+        if bytes(value[:64]).lstrip()[:1] in (b"{", b"["):  # JSON TorchServe could not parse
+            raise InputError("the body looks like JSON but does not parse; " + HOW_TO_SEND)
+        return bytes(value)
+    if isinstance(value, str):
+        raise InputError(f"the body is text, not an image: {HOW_TO_SEND}", 415)
+    raise InputError(f"unsupported body of type {type(value).__name__}: {HOW_TO_SEND}", 415)
+
+
+class MelanomaHandler(BaseHandler):
+    def initialize(self, context: Any) -> None:
+        self.context = context
+        model_dir = Path(context.system_properties["model_dir"])
+        yaml_text = (model_dir / MODEL_CONFIG_FILE).read_text()
+        self.cfg: PipelineConfig
+        self.cfg, section = read_model_config(yaml_text)
+        threads = int(section.get("threads") or 0) or usable_cpus()
+        torch.set_num_threads(threads)
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:  # already set in this process
+            pass
+        self.metadata: dict[str, Any] = json.loads((model_dir / METADATA_FILE).read_text())
+        serialized = context.manifest["model"]["serializedFile"]
+        model = torch.jit.load(str(model_dir / serialized), map_location="cpu")
+        channels_last = self.metadata.get("memory_format", "channels_last") == "channels_last"
+        self.scorer = Scorer(model, self.cfg, channels_last=channels_last)
+        self.scorer.warm_up()
+        if self.metadata.get("demo"):
+            logger.warning("serving the untrained DEMO model: its scores mean nothing")
+        logger.info(
+            "melanoma model %s (%s, sha256 %s) ready: %d threads, %d TTA views, threshold %.4f",
+            self.metadata.get("version"), self.metadata.get("checkpoint_form"),
+            str(self.metadata.get("weights_sha256"))[:12], threads, self.cfg.tta_views, self.cfg.threshold,
+        )
+        self.initialized = True
+
+    def handle(self, data: list[Mapping[str, Any]], context: Any) -> list[str]:
+        responses: list[str] = [""] * len(data)
+        index, tensors = [], []
+        for i, row in enumerate(data):
+            try:
+                payload = request_bytes(row)
+                tensors.append(load_tensor(payload, self.cfg))
+                index.append(i)
+            except InputError as e:
+                responses[i] = self._reply(context, i, {"error": str(e), "code": e.status}, e.status)
+        if tensors:
+            try:
+                probabilities = self.scorer.predict(tensors)
+            except Exception:  # a model failure fails only the requests that reached the model
+                logger.exception("forward pass failed")
+                body = {"error": "the model failed on this batch; see the server log", "code": 500}
+                for i in index:
+                    responses[i] = self._reply(context, i, body, 500)
+                return responses
+            for i, p in zip(index, probabilities):
+                responses[i] = self._reply(context, i, result(p, self.cfg, self.metadata), 200)
+        return responses
+
+    @staticmethod
+    def _reply(context: Any, idx: int, body: dict[str, Any], status: int) -> str:
+        context.set_response_content_type(idx, JSON)
+        if status != 200:
+            context.set_response_status(status, PHRASES.get(status, "Error"), idx)
+        return json.dumps(body)

@@ -1,0 +1,294 @@
+"""The one scoring pipeline: bytes -> RGB -> preprocess -> TTA -> probability.
+
+Everything that scores an image (the TorchServe handler, the export check, the client's offline
+mode, the evaluation tool, the bench and the tests) goes through this module, so that training,
+serving and offline scores cannot drift apart. It must not import TorchServe.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import zipfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+# albumentations checks PyPI for updates at import unless told not to: never touch the network.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import albumentations as A  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from PIL import Image, ImageOps, UnidentifiedImageError  # noqa: E402
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+TTA_CHOICES = (1, 2, 4, 8)
+# Formats Pillow decodes without external delegates. MPO is what many phone cameras write as JPEG.
+ALLOWED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF"})
+DEMO_WARNING = (
+    "DEMO MODEL: untrained weights from a fixed seed. This score means nothing; "
+    "build the archive from your own checkpoint (./build_mar.sh your.ckpt)."
+)
+
+# Names of the files inside the .mar (and the export folder) that this module reads.
+MODEL_FILE = "model.pt"
+MODEL_CONFIG_FILE = "model-config.yaml"
+METADATA_FILE = "metadata.json"
+
+
+class InputError(ValueError):
+    """A request that cannot be scored; `status` is the HTTP code the caller should answer with."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """The preprocessing and decision contract. Travels in the .mar's model-config.yaml `handler:`."""
+
+    image_size: int = 128
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    max_pixel_value: float = 255.0
+    tta_views: int = 8
+    threshold: float = 0.5
+    # Larger images are refused before decoding (decompression bombs); 50 MP covers phone photos.
+    max_image_pixels: int = 50_000_000
+    # Decode JPEGs at a reduced DCT scale that keeps the shorter side >= 2x image_size.
+    reduced_decode: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        if self.tta_views not in TTA_CHOICES:
+            raise ValueError(f"tta_views must be one of {TTA_CHOICES}, got {self.tta_views}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+        if self.image_size < 16 or len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError("image_size must be >= 16 and mean/std must have 3 values")
+        if any(s <= 0 for s in self.std) or self.max_pixel_value <= 0 or self.max_image_pixels <= 0:
+            raise ValueError("std, max_pixel_value and max_image_pixels must be positive")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], ignore: Sequence[str] = ()) -> PipelineConfig:
+        """Build from a YAML section; unknown keys are an error so a typo cannot go unnoticed."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known - set(ignore)
+        if unknown:
+            raise ValueError(f"unknown pipeline setting(s): {', '.join(sorted(unknown))}")
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def to_mapping(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode
+# ---------------------------------------------------------------------------------------------
+
+
+def decode_image(data: bytes | bytearray | memoryview, cfg: PipelineConfig) -> np.ndarray:
+    """Decode image bytes to an HxWx3 uint8 RGB array, EXIF orientation applied."""
+    if not data:
+        raise InputError("empty request body: send the image bytes (JPEG, PNG, WebP, BMP, GIF, TIFF)")
+    try:
+        im = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise InputError(
+            "not an image: the body is not JPEG, PNG, WebP, BMP, GIF or TIFF data", 415
+        ) from None
+    except Image.DecompressionBombError as e:
+        raise InputError(f"image too large: {e}", 413) from None
+    except Exception as e:  # Pillow raises many types on malformed headers
+        raise InputError(f"unreadable image header: {e}") from None
+    if im.format not in ALLOWED_FORMATS:
+        raise InputError(f"unsupported image format {im.format}: send JPEG, PNG, WebP, BMP, GIF or TIFF", 415)
+    width, height = im.size
+    if width < 1 or height < 1:
+        raise InputError(f"image has no pixels ({width}x{height})")
+    if width * height > cfg.max_image_pixels:
+        raise InputError(
+            f"image too large: {width}x{height} = {width * height / 1e6:.1f} megapixels, "
+            f"the limit is {cfg.max_image_pixels / 1e6:.0f} megapixels",
+            413,
+        )
+    if cfg.reduced_decode and im.format in ("JPEG", "MPO"):
+        # Pillow picks the largest 1/2, 1/4 or 1/8 scale keeping both sides >= the requested size.
+        side = 2 * cfg.image_size
+        im.draft("RGB", (side, side))
+    try:
+        im.load()
+        im = ImageOps.exif_transpose(im)
+        rgb = _to_rgb(im)
+    except InputError:
+        raise
+    except Exception as e:
+        raise InputError(f"corrupt or truncated image data ({im.format}): {e}") from None
+    return rgb
+
+
+def _to_rgb(im: Image.Image) -> np.ndarray:
+    """Every mode to 8-bit RGB. Alpha is dropped, as cv2.imread(IMREAD_COLOR) does in training code."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit grayscale: scale the full range to 8 bits (Pillow's convert would clip at 255).
+        a = np.asarray(im).astype(np.float64)
+        gray = np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+    if im.mode == "F":
+        gray = np.clip(np.rint(np.asarray(im, dtype=np.float64)), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    return np.asarray(im)
+
+
+# ---------------------------------------------------------------------------------------------
+# Preprocess
+# ---------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=8)
+def _transform(cfg: PipelineConfig) -> A.Compose:
+    return A.Compose(
+        [
+            A.Resize(cfg.image_size, cfg.image_size, area_for_downscale="image"),
+            A.Normalize(mean=cfg.mean, std=cfg.std, max_pixel_value=cfg.max_pixel_value),
+        ]
+    )
+
+
+def preprocess(rgb: np.ndarray, cfg: PipelineConfig) -> torch.Tensor:
+    """HxWx3 uint8 RGB -> 3xSxS float32 tensor, exactly the training transform."""
+    out = _transform(cfg)(image=rgb)["image"]
+    return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1), dtype=np.float32))
+
+
+def load_tensor(data: bytes | bytearray | memoryview, cfg: PipelineConfig) -> torch.Tensor:
+    return preprocess(decode_image(data, cfg), cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# TTA and probability
+# ---------------------------------------------------------------------------------------------
+
+
+def tta_views(x: torch.Tensor, views: int) -> torch.Tensor:
+    """N x C x H x W -> (views*N) x C x H x W, view-major, in the dihedral order:
+    x, flip W, flip H, flip H+W, then the same four of x with H and W transposed."""
+    if views not in TTA_CHOICES:
+        raise ValueError(f"views must be one of {TTA_CHOICES}")
+    out = [x, x.flip(3), x.flip(2), x.flip(2, 3)]
+    if views == 8:
+        t = x.transpose(2, 3)
+        out += [t, t.flip(3), t.flip(2), t.flip(2, 3)]
+    return torch.cat(out[:views], dim=0)
+
+
+def view_probabilities(logits: torch.Tensor, n: int, views: int) -> torch.Tensor:
+    """(views*N) x 1 logits -> N probabilities: mean over views of sigmoid, in float64."""
+    if logits.shape != (views * n, 1):
+        raise RuntimeError(f"model returned shape {tuple(logits.shape)}, expected ({views * n}, 1)")
+    return torch.sigmoid(logits.reshape(views, n).double()).mean(dim=0)
+
+
+Model = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Scorer:
+    """Scores preprocessed tensors with a model that maps N x 3 x S x S to N x 1 malignancy logits."""
+
+    def __init__(self, model: Model, cfg: PipelineConfig, channels_last: bool = True) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def predict(self, tensors: Sequence[torch.Tensor]) -> list[float]:
+        """All views of all images go through ONE forward pass."""
+        if not tensors:
+            return []
+        x = torch.stack(list(tensors))
+        batch = tta_views(x, self.cfg.tta_views).contiguous(memory_format=self.memory_format)
+        with torch.inference_mode():
+            logits = self.model(batch)
+        return view_probabilities(logits.float(), len(tensors), self.cfg.tta_views).tolist()
+
+    def predict_bytes(self, data: bytes) -> float:
+        return self.predict([load_tensor(data, self.cfg)])[0]
+
+    def warm_up(self, runs: int = 3) -> None:
+        """The TorchScript profiling executor optimises over the first calls: pay that at start-up."""
+        dummy = torch.zeros(3, self.cfg.image_size, self.cfg.image_size)
+        for _ in range(runs):
+            self.predict([dummy])
+
+
+def result(probability: float, cfg: PipelineConfig, model_info: Mapping[str, Any]) -> dict[str, Any]:
+    """The response schema shared by the handler and the client's offline mode."""
+    out: dict[str, Any] = {
+        "probability": probability,
+        "label": "malignant" if probability >= cfg.threshold else "benign",
+        "threshold": cfg.threshold,
+        "tta_views": cfg.tta_views,
+        "model": {
+            "name": model_info.get("name", "melanoma"),
+            "version": model_info.get("version", ""),
+            "weights_sha256": model_info.get("weights_sha256", ""),
+            "demo": bool(model_info.get("demo", False)),
+        },
+    }
+    if out["model"]["demo"]:
+        out["warning"] = DEMO_WARNING
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Archives: the exported model folder, or the .mar that packs it
+# ---------------------------------------------------------------------------------------------
+
+
+RUNTIME_KEYS = ("threads",)  # handler settings that are not part of the scoring contract
+
+
+def read_model_config(text: str) -> tuple[PipelineConfig, dict[str, Any]]:
+    """Parse model-config.yaml; return the pipeline contract and the handler section."""
+    doc = yaml.safe_load(text) or {}
+    section = doc.get("handler") or {}
+    return PipelineConfig.from_mapping(section, ignore=RUNTIME_KEYS), dict(section)
+
+
+@dataclass
+class LoadedArchive:
+    scorer: Scorer
+    cfg: PipelineConfig
+    metadata: dict[str, Any]
+
+    def score(self, data: bytes) -> dict[str, Any]:
+        return result(self.scorer.predict_bytes(data), self.cfg, self.metadata)
+
+
+def load_archive(path: str | os.PathLike[str], threads: int | None = None) -> LoadedArchive:
+    """Load a .mar (zip) or an unpacked archive folder for in-process scoring."""
+    p = Path(path)
+    if p.is_dir():
+        read = lambda name: (p / name).read_bytes()  # noqa: E731
+    elif zipfile.is_zipfile(p):
+        zf = zipfile.ZipFile(p)
+        read = zf.read
+    else:
+        raise FileNotFoundError(f"{p}: not a .mar archive or archive folder")
+    cfg, _ = read_model_config(read(MODEL_CONFIG_FILE).decode())
+    metadata = json.loads(read(METADATA_FILE))
+    if threads:
+        torch.set_num_threads(threads)
+    model = torch.jit.load(io.BytesIO(read(MODEL_FILE)), map_location="cpu")
+    return LoadedArchive(Scorer(model, cfg), cfg, metadata)

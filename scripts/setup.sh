@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Set up everything the project needs, idempotently: Python >= 3.10, Java 17+, and .venv/ with the
+# pinned requirements. Usage: scripts/setup.sh [--dev]   (--dev adds the test and lint tools)
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+say() { echo "setup: $*" >&2; }
+die() { echo "setup: error: $*" >&2; exit 1; }
+
+reqs=requirements.txt
+[[ "${1:-}" == "--dev" ]] && reqs=requirements-dev.txt
+
+# Java: TorchServe 0.12's frontend needs Java 17 or newer.
+if ! command -v java >/dev/null 2>&1; then
+  die "Java 17 is required by TorchServe and was not found. Install it: Debian/Ubuntu: sudo apt-get install -y openjdk-17-jre-headless; Amazon Linux 2023: sudo dnf install -y java-17-amazon-corretto-headless"
+fi
+java_major=$(java -version 2>&1 | sed -nE '1s/.*version "([0-9]+)(\.[0-9]+)*.*/\1/p')
+if [[ -z "$java_major" || "$java_major" -lt 17 ]]; then
+  die "Java 17+ is required by TorchServe; found: $(java -version 2>&1 | head -1). Install it: Debian/Ubuntu: sudo apt-get install -y openjdk-17-jre-headless; Amazon Linux 2023: sudo dnf install -y java-17-amazon-corretto-headless"
+fi
+
+# Python
+py="${PYTHON:-python3}"
+command -v "$py" >/dev/null 2>&1 || die "python3 not found; install Python 3.10 or newer"
+"$py" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || die "Python 3.10+ is required; found $("$py" --version 2>&1)"
+if [[ ! -x .venv/bin/python ]]; then
+  say "creating .venv/"
+  "$py" -m venv .venv || die "could not create .venv (on Debian/Ubuntu: sudo apt-get install -y python3-venv)"
+fi
+
+# Install only when the pinned requirements changed since the last successful install.
+stamp=.venv/.requirements-$(basename "$reqs" .txt).sha256
+want=$(cat requirements.txt "$reqs" | sha256sum | cut -d' ' -f1)
+if [[ "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
+  say "installing pinned requirements ($reqs); torch is the CPU build, a few minutes on first run"
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -r "$reqs" \
+    || die "pip install -r $reqs failed (see above)"
+  echo "$want" > "$stamp"
+fi
+.venv/bin/python -c 'import torch, ts, albumentations, resnest' 2>/dev/null \
+  || die ".venv is broken; remove it (rm -rf .venv) and run this again"
+say "ready: $(.venv/bin/python --version), torch $(.venv/bin/python -c 'import torch; print(torch.__version__)'), Java $java_major"

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Print the current inference key from key_file.json (written where torchserve started), for curl:
+#   curl -H "Authorization: Bearer $(scripts/token.sh)" -T image.jpg http://127.0.0.1:8080/predictions/melanoma
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+file="${1:-$root/key_file.json}"
+[[ -f "$file" ]] || { echo "token: error: $file not found; start the server with scripts/serve.sh" >&2; exit 1; }
+python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["inference"]["key"])' "$file"
