@@ -187,8 +187,6 @@ def _unsafe_globals(p: Path, e: Exception) -> list[str] | None:
         names = re.findall(r"(?:Unsupported global: GLOBAL|Unsupported operand \d+ for|GLOBAL) ([\w.]+)", msg)
     if names:
         return sorted(set(names))[:5]
-    if "Weights only load failed" in msg:
-        return ["an object weights_only cannot rebuild"]
     return None
 
 

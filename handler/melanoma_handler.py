@@ -121,7 +121,7 @@ class MelanomaHandler(BaseHandler):
                 for i in index:
                     responses[i] = self._reply(context, i, body, 500)
                 return responses
-            for i, p in zip(index, probabilities):
+            for i, p in zip(index, probabilities, strict=True):
                 responses[i] = self._reply(context, i, result(p, self.cfg, self.metadata), 200)
         return responses
 

@@ -108,7 +108,8 @@ def decode_image(data: bytes | bytearray | memoryview, cfg: PipelineConfig) -> n
             "not an image: the body is not JPEG, PNG, WebP, BMP, GIF or TIFF data", 415
         ) from None
     except Image.DecompressionBombError as e:
-        raise InputError(f"image too large: {e}", 413) from None
+        limit = f"the limit is {cfg.max_image_pixels / 1e6:.0f} megapixels"
+        raise InputError(f"image too large ({e}); {limit}", 413) from None
     except Exception as e:  # Pillow raises many types on malformed headers
         raise InputError(f"unreadable image header: {e}") from None
     if im.format not in ALLOWED_FORMATS:

@@ -1,0 +1,186 @@
+"""The pipeline module, checked against independent computations (cv2/numpy), no server."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from imaging import encode, jpeg_with_orientation, lesion_rgb, png_header_only, variants
+from PIL import Image
+
+from handler.pipeline import (
+    InputError,
+    PipelineConfig,
+    Scorer,
+    decode_image,
+    preprocess,
+    result,
+    tta_views,
+    view_probabilities,
+)
+
+CFG = PipelineConfig()
+FULL = PipelineConfig(reduced_decode=False)
+MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def reference_preprocess(rgb: np.ndarray, size: int = 128) -> np.ndarray:
+    """The training transform written out by hand: INTER_AREA when shrinking, else INTER_LINEAR."""
+    shrink = rgb.shape[0] > size or rgb.shape[1] > size
+    interp = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+    resized = cv2.resize(rgb, (size, size), interpolation=interp).astype(np.float32)
+    return ((resized / 255.0 - MEAN) / STD).transpose(2, 0, 1)
+
+
+@pytest.mark.parametrize("shape", [(240, 320), (128, 128), (60, 90), (1, 1)])
+def test_preprocess_matches_the_training_transform(shape: tuple[int, int]) -> None:
+    rgb = lesion_rgb(*shape, seed=1) if min(shape) > 8 else np.full((*shape, 3), 77, np.uint8)
+    got = preprocess(rgb, CFG)
+    assert got.dtype == torch.float32 and tuple(got.shape) == (3, 128, 128)
+    np.testing.assert_allclose(got.numpy(), reference_preprocess(rgb), atol=1e-5)
+
+
+def test_full_decode_is_lossless_for_png() -> None:
+    rgb = lesion_rgb(seed=2)
+    np.testing.assert_array_equal(decode_image(encode(rgb, "PNG"), FULL), rgb)
+
+
+@pytest.mark.parametrize("orientation,undo", [(3, lambda a: np.rot90(a, 2)), (6, lambda a: np.rot90(a, -1)),
+                                              (8, lambda a: np.rot90(a, 1))])
+def test_exif_orientation_is_applied(orientation: int, undo) -> None:
+    rgb = lesion_rgb(seed=3)
+    upright = decode_image(encode(rgb, "JPEG"), FULL)
+    rotated = decode_image(jpeg_with_orientation(rgb, orientation), FULL)
+    expected = undo(upright)
+    assert rotated.shape == expected.shape
+    assert np.abs(rotated.astype(int) - expected.astype(int)).mean() < 1.0
+
+
+@pytest.mark.parametrize("name", list(variants()))
+def test_every_format_and_mode_decodes_to_rgb(name: str) -> None:
+    rgb = decode_image(variants()[name], CFG)
+    assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3
+
+
+def test_modes_convert_as_documented() -> None:
+    rgb = lesion_rgb(seed=4)
+    gray = np.asarray(Image.fromarray(rgb).convert("L"))
+    out = decode_image(encode(gray, "PNG"), FULL)
+    np.testing.assert_array_equal(out, np.repeat(gray[..., None], 3, axis=2))
+    # RGBA: alpha dropped, colour kept (as cv2.imread(IMREAD_COLOR) does in training code)
+    rgba = np.dstack([rgb, np.zeros(rgb.shape[:2], np.uint8)])
+    np.testing.assert_array_equal(decode_image(encode(Image.fromarray(rgba, "RGBA"), "PNG"), FULL), rgb)
+    # 16-bit grayscale scales the full range, instead of clipping everything above 255 to white
+    g16 = (np.linspace(0, 65535, 64 * 64).reshape(64, 64)).astype(np.uint16)
+    out16 = decode_image(encode(Image.fromarray(g16), "PNG"), FULL)
+    np.testing.assert_array_equal(out16[..., 0], np.rint(g16 / 257).astype(np.uint8))
+    # CMYK JPEG converts to RGB of the same size
+    cmyk = decode_image(encode(Image.fromarray(rgb).convert("CMYK"), "JPEG"), FULL)
+    assert cmyk.shape == rgb.shape
+
+
+def test_gif_and_tiff_use_the_first_frame() -> None:
+    a, b = lesion_rgb(seed=5), lesion_rgb(seed=6)
+    frames = [Image.fromarray(a), Image.fromarray(b)]
+    tiff = encode(frames[0], "TIFF", save_all=True, append_images=frames[1:])
+    np.testing.assert_array_equal(decode_image(tiff, FULL), a)
+    gif = encode(frames[0].convert("P"), "GIF", save_all=True, append_images=[f.convert("P") for f in frames[1:]])
+    np.testing.assert_array_equal(decode_image(gif, FULL), np.asarray(frames[0].convert("P").convert("RGB")))
+
+
+def test_reduced_jpeg_decode_stays_within_tolerance_on_a_24mp_photo() -> None:
+    small = lesion_rgb(400, 600, seed=7)
+    big = cv2.resize(small, (6000, 4000), interpolation=cv2.INTER_CUBIC)  # a smooth 24 MP photo
+    data = encode(big, "JPEG", quality=90)
+    reduced = decode_image(data, CFG)
+    assert min(reduced.shape[:2]) >= 2 * CFG.image_size and reduced.shape[:2] == (500, 750)
+    delta = (preprocess(reduced, CFG) - preprocess(decode_image(data, FULL), CFG)).abs()
+    assert float(delta.mean()) <= 0.01
+    print(f"reduced-decode mean |delta| = {float(delta.mean()):.4f}, max = {float(delta.max()):.3f}")
+
+
+def test_reduced_decode_never_goes_below_twice_the_input() -> None:
+    data = encode(lesion_rgb(300, 520, seed=8), "JPEG")
+    assert decode_image(data, CFG).shape[:2] == (300, 520)  # 1/2 would give 150 < 256: full decode
+
+
+@pytest.mark.parametrize(
+    "body,status,words",
+    [
+        (b"", 400, "empty"),
+        (np.random.default_rng(0).bytes(5000), 415, "not an image"),
+        (b"hello, this is text", 415, "not an image"),
+        (b"<svg xmlns='http://www.w3.org/2000/svg'></svg>", 415, "not an image"),
+        (encode(lesion_rgb(seed=9), "JPEG")[:1500], 400, "truncated"),
+        (png_header_only(40000, 40000), 413, "megapixels"),
+    ],
+)
+def test_bad_input_gives_a_status_and_a_message(body: bytes, status: int, words: str) -> None:
+    with pytest.raises(InputError) as e:
+        decode_image(body, CFG)
+    assert e.value.status == status and words in str(e.value)
+
+
+def test_tta_views_are_the_dihedral_group_in_order() -> None:
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    v = tta_views(x, 8).reshape(8, 2, 3, 4, 4)
+    t = x.transpose(2, 3)
+    expected = [x, x.flip(3), x.flip(2), x.flip(2).flip(3), t, t.flip(3), t.flip(2), t.flip(2).flip(3)]
+    for i, e in enumerate(expected):
+        assert torch.equal(v[i], e), f"view {i}"
+    for n in (1, 2, 4):
+        assert torch.equal(tta_views(x, n), torch.cat(expected[:n]))
+    assert len({tuple(v[i].flatten().tolist()) for i in range(8)}) == 8
+
+
+class LinearLogit(torch.nn.Module):
+    """A model whose logit depends on the view's orientation, so TTA averaging is visible."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.w = torch.randn(3, 128, 128, generator=g) / 300
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x * self.w).sum(dim=(1, 2, 3))[:, None]
+
+
+@pytest.mark.parametrize("views", [1, 2, 4, 8])
+def test_probability_is_the_mean_of_sigmoids_over_views(views: int) -> None:
+    model = LinearLogit()
+    cfg = PipelineConfig(tta_views=views)
+    imgs = [preprocess(lesion_rgb(seed=s), cfg) for s in (10, 11, 12)]
+    got = Scorer(model, cfg).predict(imgs)
+    for img, p in zip(imgs, got, strict=True):
+        vs = tta_views(img[None], views)
+        expected = torch.sigmoid(model(vs).double()).mean().item()
+        assert p == pytest.approx(expected, abs=1e-7)  # float32 logits, summed in another order
+    # one image alone scores the same as inside a batch
+    assert Scorer(model, cfg).predict(imgs[1:2])[0] == pytest.approx(got[1], abs=1e-7)
+
+
+def test_view_probabilities_checks_the_model_output_shape() -> None:
+    with pytest.raises(RuntimeError, match="expected"):
+        view_probabilities(torch.zeros(8, 2), 1, 8)
+
+
+def test_config_rejects_typos_and_bad_values() -> None:
+    with pytest.raises(ValueError, match="unknown"):
+        PipelineConfig.from_mapping({"treshold": 0.3})
+    with pytest.raises(ValueError):
+        PipelineConfig(tta_views=3)
+    with pytest.raises(ValueError):
+        PipelineConfig(threshold=1.5)
+    cfg = PipelineConfig.from_mapping(PipelineConfig(threshold=0.2).to_mapping())
+    assert cfg == PipelineConfig(threshold=0.2)
+
+
+def test_result_schema_and_demo_warning() -> None:
+    info = {"name": "melanoma", "version": "0.0-demo", "weights_sha256": "ab", "demo": True}
+    r = result(0.7, PipelineConfig(threshold=0.6), info)
+    assert r["label"] == "malignant" and r["threshold"] == 0.6 and r["tta_views"] == 8
+    assert r["model"] == info and "DEMO" in r["warning"]
+    r2 = result(0.59, PipelineConfig(threshold=0.6), {**info, "demo": False})
+    assert r2["label"] == "benign" and "warning" not in r2
