@@ -112,6 +112,7 @@ class MelanomaHandler(BaseHandler):
                 index.append(i)
             except InputError as e:
                 responses[i] = self._reply(context, i, {"error": str(e), "code": e.status}, e.status)
+        logger.info("batch of %d: %d scored, %d rejected", len(data), len(index), len(data) - len(index))
         if tensors:
             try:
                 probabilities = self.scorer.predict(tensors)

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# One command from a fresh clone to a full test run: sets up .venv with the pinned test tools,
+# checks Java 17, lints, then runs both tiers (unit: no server; integration: builds real archives
+# with build_mar.sh and starts real TorchServe on free loopback ports).
+#   scripts/test.sh                 # everything
+#   scripts/test.sh -m "not integration"   # extra arguments go to pytest
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+"$root/scripts/setup.sh" --dev
+export NO_ALBUMENTATIONS_UPDATE=1
+.venv/bin/ruff check .
+exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,158 @@
+"""Shared fixtures: archives built with the real build_mar.sh, and real TorchServe on free loopback ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = ROOT / ".venv" / "bin"
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+
+def run_build(*args: str, output_dir: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """./build_mar.sh exactly as a user runs it."""
+    proc = subprocess.run([str(ROOT / "build_mar.sh"), *args, "--output-dir", str(output_dir)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"build_mar.sh failed ({proc.returncode}): {proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def demo_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model store holding the demo archive. maxBatchDelay is long enough for concurrent
+    requests in the tests to be batched together by TorchServe."""
+    store = tmp_path_factory.mktemp("demo") / "model_store"
+    store.mkdir()
+    run_build("--max-batch-delay", "300", output_dir=store)
+    return store
+
+
+@pytest.fixture(scope="session")
+def demo_archive(demo_store: Path) -> Path:
+    return demo_store / "melanoma.mar"
+
+
+def free_ports(n: int) -> list[int]:
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@dataclass
+class Server:
+    url: str
+    management: str
+    metrics: str
+    workdir: Path
+    proc: subprocess.Popen[bytes]
+    props: dict[str, str] = field(default_factory=dict)
+
+    def keys(self) -> dict[str, str]:
+        data = json.loads((self.workdir / "key_file.json").read_text())
+        return {k: v["key"] for k, v in data.items()}
+
+    @property
+    def key_file(self) -> Path:
+        return self.workdir / "key_file.json"
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.keys()['inference']}"}
+
+    def predict(self, body: bytes, **kw) -> requests.Response:
+        h = {"Content-Type": "application/octet-stream", **self.headers(), **kw.pop("headers", {})}
+        return requests.post(f"{self.url}/predictions/melanoma", data=body, headers=h, timeout=120, **kw)
+
+    def log(self, name: str = "model_log.log") -> str:
+        p = self.workdir / "logs" / name
+        return p.read_text(errors="replace") if p.exists() else ""
+
+
+def server_properties(store: Path, workdir: Path, overrides: dict[str, str] | None = None) -> dict[str, str]:
+    """The repo's config.properties, with free loopback ports and a private temp dir."""
+    props: dict[str, str] = {}
+    for line in (ROOT / "config.properties").read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#") and "=" in line:
+            k, v = line.split("=", 1)
+            props[k.strip()] = v.strip()
+    inf, mgmt, met, g1, g2 = free_ports(5)
+    props.update({
+        "inference_address": f"http://127.0.0.1:{inf}",
+        "management_address": f"http://127.0.0.1:{mgmt}",
+        "metrics_address": f"http://127.0.0.1:{met}",
+        "grpc_inference_port": str(g1),
+        "grpc_management_port": str(g2),
+        "model_store": str(store),
+        # worker sockets go to java.io.tmpdir: private, so tests never collide with a running server
+        "vmargs": props["vmargs"] + f" -Djava.io.tmpdir={workdir}",
+    })
+    props.update(overrides or {})
+    return props
+
+
+def start_server(store: Path, workdir: Path, overrides: dict[str, str] | None = None,
+                 timeout: float = 240) -> Server:
+    workdir.mkdir(parents=True, exist_ok=True)
+    props = server_properties(store, workdir, overrides)
+    cfg = workdir / "config.properties"
+    cfg.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+    env = {**os.environ, "TMPDIR": str(workdir), "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+    log = open(workdir / "torchserve.out", "wb")
+    proc = subprocess.Popen([str(VENV_BIN / "torchserve"), "--start", "--foreground", "--ncs",
+                             "--ts-config", str(cfg)], cwd=workdir, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    server = Server(props["inference_address"].replace("https", "http"), props["management_address"],
+                    props["metrics_address"], workdir, proc, props)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"torchserve exited with {proc.returncode}: "
+                               f"{(workdir / 'torchserve.out').read_text()[-2000:]}")
+        try:
+            if server.key_file.exists():
+                r = requests.get(f"{server.url}/ping", headers=server.headers(), timeout=5)
+                if r.status_code == 200 and r.json().get("status") == "Healthy":
+                    return server
+        except (requests.RequestException, ValueError, KeyError):
+            pass
+        time.sleep(0.5)
+    stop_server(server)
+    raise RuntimeError(f"torchserve not healthy within {timeout} s: {server.log('ts_log.log')[-3000:]}")
+
+
+def stop_server(server: Server) -> None:
+    try:
+        os.killpg(server.proc.pid, signal.SIGTERM)
+        server.proc.wait(timeout=30)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(server.proc.pid, signal.SIGKILL)
+        server.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def server(demo_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    if shutil.which("java") is None:
+        pytest.fail("Java 17 is required for the integration tests (sudo apt-get install openjdk-17-jre-headless)")
+    srv = start_server(demo_store, tmp_path_factory.mktemp("ts"))
+    yield srv
+    stop_server(srv)

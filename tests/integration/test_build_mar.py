@@ -1,0 +1,146 @@
+"""build_mar.sh end to end: real archives, real failures, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import run_build
+from imaging import encode, lesion_rgb
+
+from exporter.checkpoint import build_model
+from exporter.export import demo_checkpoint
+from handler.pipeline import PipelineConfig, load_archive, load_tensor, tta_views
+
+pytestmark = pytest.mark.integration
+
+
+def test_demo_archive_contents(demo_archive: Path) -> None:
+    with zipfile.ZipFile(demo_archive) as zf:
+        names = set(zf.namelist())
+        meta = json.loads(zf.read("metadata.json"))
+        cfg = yaml.safe_load(zf.read("model-config.yaml"))
+        manifest = json.loads(zf.read("MAR-INF/MANIFEST.json"))
+    assert {"model.pt", "metadata.json", "model-config.yaml", "melanoma_handler.py", "handler/pipeline.py"} <= names
+    assert meta["demo"] is True and meta["architecture"] == "resnest50_fast_4s1x64d" and meta["head"] == "sigmoid"
+    assert len(meta["weights_sha256"]) == 64 and meta["versions"]["torch"].startswith("2.13.0")
+    assert {"created_at", "source_file", "torchscript_sha256"} <= set(meta)
+    assert PipelineConfig.from_mapping(cfg["handler"], ignore=("threads",)) == PipelineConfig()
+    assert {"batchSize", "maxBatchDelay", "minWorkers", "maxWorkers", "responseTimeout"} <= set(cfg)
+    assert manifest["model"]["handler"] == "melanoma_handler.py"
+
+
+def test_demo_build_is_deterministic(demo_archive: Path) -> None:
+    meta = json.loads(zipfile.ZipFile(demo_archive).read("metadata.json"))
+    assert demo_checkpoint().sha256 == meta["weights_sha256"]
+
+
+def eager_probability(model: torch.nn.Module, data: bytes, cfg: PipelineConfig, softmax: bool) -> float:
+    """Independent reference: the eager model, the training transform, explicit per-view loop."""
+    x = tta_views(load_tensor(data, cfg)[None], cfg.tta_views)
+    ps = []
+    with torch.inference_mode():
+        for v in x:
+            out = model(v[None])
+            ps.append(float(torch.softmax(out, 1)[0, 1] if softmax else torch.sigmoid(out)[0, 0]))
+    return sum(ps) / len(ps)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("outputs", [1, 2])
+def test_checkpoint_archive_scores_equal_the_eager_model(outputs: int, tmp_path: Path) -> None:
+    """Acceptance: ./build_mar.sh some.ckpt scores in-process like the eager model (|dp| <= 1e-5)."""
+    ref = demo_checkpoint().module
+    model = build_model(outputs).eval()
+    sd = ref.state_dict()
+    if outputs == 2:
+        sd["fc.weight"] = torch.cat([torch.zeros(1, 2048), sd["fc.weight"]])
+        sd["fc.bias"] = torch.cat([torch.tensor([0.25]), sd["fc.bias"]])
+    model.load_state_dict(sd)
+    ckpt = {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "epoch": 3,
+            "hyper_parameters": {"lr": 1e-4}}
+    torch.save(ckpt, tmp_path / "epoch=3-val_auc=0.89.ckpt")
+    store = tmp_path / "model_store"
+    store.mkdir()
+    proc = run_build(str(tmp_path / "epoch=3-val_auc=0.89.ckpt"), "--threshold", "0.3", "--version", "2.1",
+                     output_dir=store)
+    assert "Lightning checkpoint" in proc.stderr
+    archive = load_archive(store / "melanoma.mar")
+    assert archive.metadata["demo"] is False and archive.metadata["version"] == "2.1"
+    assert archive.metadata["head"] == ("softmax" if outputs == 2 else "sigmoid")
+    cfg = archive.cfg
+    probs = []
+    for seed in range(4):
+        data = encode(lesion_rgb(seed=seed), "JPEG")
+        res = archive.score(data)
+        expected = eager_probability(model, data, cfg, softmax=outputs == 2)
+        assert abs(res["probability"] - expected) <= 1e-5
+        assert res["threshold"] == 0.3 and "warning" not in res
+        probs.append(res["probability"])
+    assert max(probs) - min(probs) > 1e-3  # the images really score differently
+
+
+@pytest.mark.parametrize("views", [1, 4])
+def test_tta_views_option_reaches_the_archive(views: int, tmp_path: Path) -> None:
+    run_build("--tta-views", str(views), output_dir=tmp_path)
+    assert load_archive(tmp_path / "melanoma.mar").cfg.tta_views == views
+
+
+def test_refuses_to_overwrite_without_force(demo_archive: Path) -> None:
+    before = demo_archive.stat().st_mtime_ns
+    proc = run_build(output_dir=demo_archive.parent, check=False)
+    assert proc.returncode != 0 and "--force" in proc.stderr
+    assert demo_archive.stat().st_mtime_ns == before
+
+
+def bad_checkpoints(tmp_path: Path) -> dict[str, tuple[Path, str, tuple[str, ...]]]:
+    sd = build_model(1).state_dict()
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    cases = {
+        "missing": (tmp_path / "nope.ckpt", None, "no such file"),
+        "not a checkpoint": (tmp_path / "notes.ckpt", b"just some text\n", "not a PyTorch checkpoint"),
+        "wrong architecture": (tmp_path / "arch.ckpt", {"conv1.weight": torch.zeros(64, 3, 7, 7)}, "missing key"),
+        "wrong head": (tmp_path / "head.ckpt", {**sd, "fc.weight": torch.zeros(5, 2048), "fc.bias": torch.zeros(5)},
+                       "(5, 2048)"),
+        "NaN": (tmp_path / "nan.ckpt", {**sd, "fc.bias": torch.tensor([float("nan")])}, "NaN/Inf"),
+        "needs code": (tmp_path / "evil.ckpt", {"state_dict": sd, "x": Evil()}, "--trust-checkpoint"),
+    }
+    out = {}
+    for name, (path, content, words) in cases.items():
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        elif content is not None:
+            torch.save(content, path)
+        out[name] = (path, words, ())
+    return out
+
+
+def test_bad_checkpoints_fail_fast_and_write_nothing(tmp_path: Path) -> None:
+    store = tmp_path / "model_store"
+    store.mkdir()
+    (store / "keep.txt").write_text("untouched")
+    for name, (path, words, _) in bad_checkpoints(tmp_path).items():
+        proc = run_build(str(path), output_dir=store, check=False)
+        errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+        assert proc.returncode != 0, name
+        assert len(errors) == 1 and errors[0].startswith("build_mar: error:") and words in errors[0], \
+            f"{name}: {proc.stderr}"
+        assert "Traceback" not in proc.stderr, name
+        assert sorted(p.name for p in store.iterdir()) == ["keep.txt"], name
+
+
+def test_bad_options_fail_fast(tmp_path: Path) -> None:
+    proc = run_build("--threshold", "2", output_dir=tmp_path, check=False)
+    assert proc.returncode != 0 and "threshold" in proc.stderr and not list(tmp_path.iterdir())
+    proc = run_build("--tta-views", "3", output_dir=tmp_path, check=False)
+    assert proc.returncode != 0 and "invalid choice" in proc.stderr
+    proc = run_build(output_dir=tmp_path / "absent", check=False)
+    assert proc.returncode != 0 and "does not exist" in proc.stderr

@@ -1,0 +1,191 @@
+"""Real TorchServe with an archive from build_mar.sh: parity, inputs, batching, errors, auth."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from conftest import ROOT, Server
+from imaging import encode, lesion_rgb, variants
+
+from handler.pipeline import LoadedArchive, load_archive
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def offline(demo_archive: Path) -> LoadedArchive:
+    return load_archive(demo_archive)
+
+
+PARITY = ["jpeg", "png", "rgba_png", "gray_png", "exif6_jpeg", "webp", "gif"]
+
+
+@pytest.mark.parametrize("kind", PARITY)
+def test_served_probability_equals_in_process_pipeline(kind: str, server: Server, offline: LoadedArchive) -> None:
+    data = variants(seed=3)[kind]
+    r = server.predict(data)
+    assert r.status_code == 200, r.text
+    assert abs(r.json()["probability"] - offline.score(data)["probability"]) <= 1e-4
+
+
+def test_response_schema(server: Server, offline: LoadedArchive) -> None:
+    r = server.predict(encode(lesion_rgb(seed=1)))
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
+    body = r.json()
+    assert set(body) == {"probability", "label", "threshold", "tta_views", "model", "warning"}
+    assert 0.0 < body["probability"] < 1.0
+    assert body["label"] == ("malignant" if body["probability"] >= 0.5 else "benign")
+    assert body["threshold"] == 0.5 and body["tta_views"] == 8
+    assert body["model"] == {"name": "melanoma", "version": "0.0-demo", "demo": True,
+                             "weights_sha256": offline.metadata["weights_sha256"]}
+    assert "DEMO" in body["warning"] and "means nothing" in body["warning"]
+
+
+def test_every_way_of_sending_an_image(server: Server, offline: LoadedArchive) -> None:
+    data = encode(lesion_rgb(seed=2))
+    expected = offline.score(data)["probability"]
+    url, h = f"{server.url}/predictions/melanoma", server.headers()
+    answers = {
+        "PUT raw (curl -T)": requests.put(url, data=data, headers=h, timeout=60),
+        "POST octet-stream": server.predict(data),
+        "POST image/jpeg": server.predict(data, headers={"Content-Type": "image/jpeg"}),
+        "multipart data": requests.post(url, files={"data": ("x.jpg", data)}, headers=h, timeout=60),
+        "multipart file": requests.post(url, files={"file": ("x.jpg", data)}, headers=h, timeout=60),
+        "JSON base64": requests.post(url, json={"image": base64.b64encode(data).decode()}, headers=h, timeout=60),
+        "JSON data URL": requests.post(
+            url, json={"image": "data:image/jpeg;base64," + base64.b64encode(data).decode()}, headers=h, timeout=60),
+    }
+    for how, r in answers.items():
+        assert r.status_code == 200, f"{how}: {r.text}"
+        assert abs(r.json()["probability"] - expected) <= 1e-4, how
+
+
+@pytest.mark.parametrize(
+    "how,status,words",
+    [
+        ("empty", 400, "empty"),
+        ("text", 415, "not an image"),
+        ("truncated", 400, "truncated"),
+        ("bomb", 413, "megapixels"),
+        ("bad base64", 400, "base64"),
+        ("json without image", 400, "\"image\""),
+        ("broken json", 400, "JSON"),
+        ("multipart without the file field", 400, "no image"),
+    ],
+)
+def test_bad_input_gets_a_4xx_with_a_json_message(how: str, status: int, words: str, server: Server) -> None:
+    from imaging import png_header_only
+
+    url, h = f"{server.url}/predictions/melanoma", server.headers()
+    if how == "empty":
+        r = server.predict(b"")
+    elif how == "text":
+        r = server.predict(b"this is not an image")
+    elif how == "truncated":
+        r = server.predict(encode(lesion_rgb(seed=4))[:2000])
+    elif how == "bomb":
+        r = server.predict(png_header_only(40000, 40000))
+    elif how == "bad base64":
+        r = requests.post(url, json={"image": "not*base64!"}, headers=h, timeout=60)
+    elif how == "json without image":
+        r = requests.post(url, json={"img": "x"}, headers=h, timeout=60)
+    elif how == "broken json":
+        r = requests.post(url, data=b'{"image": ', headers={**h, "Content-Type": "application/json"}, timeout=60)
+    else:
+        r = requests.post(url, files={"photo": ("x.jpg", b"123")}, headers=h, timeout=60)
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert body["code"] == status and words in body["error"]
+
+
+def test_batch_with_one_corrupt_request(server: Server, offline: LoadedArchive) -> None:
+    """Concurrent requests land in one TorchServe batch (maxBatchDelay 300 ms in the test archive);
+    the corrupt one gets 400, the others their correct scores."""
+    images = [encode(lesion_rgb(seed=s)) for s in range(10, 13)]
+    bodies = [images[0], b"\xff\xd8\xff\xe0 corrupt", images[1], images[2]]
+    before = server.log().count("batch of 4")
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(server.predict, bodies))
+    assert [r.status_code for r in answers] == [200, 400, 200, 200]
+    for img, r in zip(images, [answers[0], answers[2], answers[3]], strict=True):
+        assert abs(r.json()["probability"] - offline.score(img)["probability"]) <= 1e-4
+    assert "error" in answers[1].json()
+    assert server.log().count("batch of 4") > before, "the four requests were not batched together"
+
+
+def test_token_is_required(server: Server) -> None:
+    data = encode(lesion_rgb(seed=5))
+    url = f"{server.url}/predictions/melanoma"
+    bare_key = {"Authorization": server.keys()["inference"]}  # no "Bearer "
+    for headers in ({}, {"Authorization": "Bearer wrong-key"}, bare_key):
+        r = requests.post(url, data=data, headers={"Content-Type": "application/octet-stream", **headers}, timeout=30)
+        assert r.status_code in (400, 401), r.text
+        assert "InvalidKeyException" in r.text and "probability" not in r.text
+    assert requests.get(f"{server.url}/ping", timeout=10).status_code != 200
+    # the management key is not the inference key
+    r = requests.post(url, data=data, timeout=30, headers={"Authorization": f"Bearer {server.keys()['management']}"})
+    assert "probability" not in r.text
+    assert requests.get(f"{server.management}/models", timeout=10).status_code != 200
+    # registering models over HTTP is off
+    h = {"Authorization": f"Bearer {server.keys()['management']}"}
+    r = requests.post(f"{server.management}/models?url=https://example.invalid/x.mar", headers=h, timeout=10)
+    assert r.status_code >= 400 and "probability" not in r.text
+
+
+def test_server_healthy_afterwards(server: Server) -> None:
+    r = requests.get(f"{server.url}/ping", headers=server.headers(), timeout=10)
+    assert r.status_code == 200 and r.json()["status"] == "Healthy"
+    assert "Worker disconnected" not in server.log("ts_log.log")
+    assert server.log().count("melanoma model") == 1  # the worker was initialised once: never restarted
+
+
+def test_client_predict_script(server: Server, offline: LoadedArchive, demo_archive: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for s in range(3):
+        (folder / f"lesion{s}.jpg").write_bytes(encode(lesion_rgb(seed=20 + s)))
+    (folder / "broken.png").write_bytes(b"\x89PNG not really")
+    cmd = [sys.executable, str(ROOT / "client" / "predict.py"), str(folder), "--url", server.url,
+           "--key-file", str(server.key_file), "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr  # one image failed
+    rows = {Path(r["path"]).name: r for r in map(json.loads, proc.stdout.splitlines())}
+    assert set(rows) == {"broken.png", "lesion0.jpg", "lesion1.jpg", "lesion2.jpg"}
+    assert "HTTP 415" in rows["broken.png"]["error"]
+    for s in range(3):
+        expected = offline.score((folder / f"lesion{s}.jpg").read_bytes())["probability"]
+        assert abs(rows[f"lesion{s}.jpg"]["probability"] - expected) <= 1e-4
+    assert "DEMO MODEL" in proc.stderr and "1 of 4 image(s) failed" in proc.stderr
+    # plain output: path, probability, label
+    one = subprocess.run([*cmd[:2], str(folder / "lesion0.jpg"), "--url", server.url, "--key-file",
+                          str(server.key_file)], capture_output=True, text=True, timeout=60)
+    path, prob, label = one.stdout.split("\t")[:3]
+    assert one.returncode == 0 and float(prob) == pytest.approx(rows["lesion0.jpg"]["probability"], abs=1e-4)
+    assert label.split()[0] in ("benign", "malignant")
+    # offline mode: same pipeline, no server
+    off = subprocess.run([*cmd[:2], str(folder / "lesion0.jpg"), "--offline", str(demo_archive), "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert off.returncode == 0
+    assert json.loads(off.stdout)["probability"] == pytest.approx(rows["lesion0.jpg"]["probability"], abs=1e-4)
+    # a wrong key: non-zero exit, the server's message
+    bad = subprocess.run([*cmd[:2], str(folder / "lesion0.jpg"), "--url", server.url, "--token", "nope"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "send the inference key" in bad.stdout
+
+
+def test_concurrent_load_every_answer_correct(server: Server, offline: LoadedArchive) -> None:
+    images = [encode(lesion_rgb(seed=30 + s)) for s in range(6)]
+    expected = [offline.score(d)["probability"] for d in images]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(server.predict, images * 4))
+    got = np.array([r.json()["probability"] for r in answers]).reshape(4, 6)
+    assert all(r.status_code == 200 for r in answers)
+    assert np.abs(got - np.array(expected)[None]).max() <= 1e-4
