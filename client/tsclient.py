@@ -9,7 +9,7 @@ import json
 import os
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,30 @@ def resolve_token(token: str | None, key_file: str | None) -> str | None:
         return os.environ["TS_TOKEN"]
     path = find_key_file(key_file)
     return read_key(path) if path else None
+
+
+def model_ready(management_url: str, key_file: Path, model: str = "melanoma") -> bool:
+    """True once a worker of `model` is READY (TorchServe's /ping says Healthy before that)."""
+    key = read_key(key_file, "management")
+    if not key:
+        return False
+    try:
+        r = requests.get(f"{management_url.rstrip('/')}/models/{model}",
+                         headers={"Authorization": f"Bearer {key}"}, timeout=5)
+        workers = r.json()[0]["workers"] if r.status_code == 200 else []
+    except (requests.RequestException, ValueError, KeyError, IndexError):
+        return False
+    return any(w.get("status") == "READY" for w in workers)
+
+
+def wait_ready(management_url: str, key_file: Path, model: str = "melanoma", timeout: float = 180,
+               alive: Callable[[], bool] = lambda: True) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and alive():
+        if model_ready(management_url, key_file, model):
+            return True
+        time.sleep(0.5)
+    return False
 
 
 def iter_images(paths: Sequence[str]) -> Iterator[Path]:

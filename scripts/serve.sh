@@ -19,24 +19,21 @@ fi
 ts=.venv/bin/torchserve
 "$ts" --stop >/dev/null 2>&1 || true   # restart cleanly if one is already running
 rm -f key_file.json                      # a fresh key file, never a stale key
-"$ts" --start --ts-config config.properties --ncs >/dev/null \
-  || { echo "serve: error: torchserve did not start; see logs/ts_log.log" >&2; exit 1; }
+mkdir -p logs
+# The daemon keeps whatever streams it is given: hand it a file, not this terminal or a pipe.
+"$ts" --start --ts-config config.properties --ncs >logs/torchserve.out 2>&1 </dev/null \
+  || { echo "serve: error: torchserve did not start; see logs/torchserve.out" >&2; exit 1; }
 
 url=$(sed -nE 's/^inference_address=(.*)$/\1/p' config.properties)
-for _ in $(seq 1 180); do
-  key=$(.venv/bin/python -c 'import json; print(json.load(open("key_file.json"))["inference"]["key"])' 2>/dev/null || true)
-  if [[ -n "$key" ]] && curl -sf -H "Authorization: Bearer $key" "$url/ping" 2>/dev/null | grep -q Healthy; then
-    demo=$(unzip -p model_store/melanoma.mar metadata.json | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)["demo"])')
-    echo
-    echo "TorchServe is serving 'melanoma' at $url"
-    [[ "$demo" == "True" ]] && echo "  !! DEMO MODEL: untrained weights, its scores mean nothing. Serve yours: scripts/serve.sh your.ckpt"
-    echo "  curl -H \"Authorization: Bearer \$(scripts/token.sh)\" -T image.jpg $url/predictions/melanoma"
-    echo "  .venv/bin/python client/predict.py image.jpg"
-    echo "  stop: .venv/bin/torchserve --stop      logs: logs/"
-    echo "  NOT A DIAGNOSTIC DEVICE."
-    exit 0
-  fi
-  sleep 1
-done
-echo "serve: error: the model did not become healthy within 180 s; see logs/model_log.log" >&2
-exit 1
+if ! .venv/bin/python scripts/wait_ready.py --timeout 180; then
+  echo "serve: error: the model did not become ready within 180 s; see logs/model_log.log" >&2
+  exit 1
+fi
+demo=$(.venv/bin/python -c 'import json, zipfile; print(json.loads(zipfile.ZipFile("model_store/melanoma.mar").read("metadata.json"))["demo"])')
+echo
+echo "TorchServe is serving 'melanoma' at $url"
+[[ "$demo" != "True" ]] || echo "  !! DEMO MODEL: untrained weights, its scores mean nothing. Serve yours: scripts/serve.sh your.ckpt"
+echo "  curl -H \"Authorization: Bearer \$(scripts/token.sh)\" -T image.jpg $url/predictions/melanoma"
+echo "  .venv/bin/python client/predict.py image.jpg"
+echo "  stop: .venv/bin/torchserve --stop      logs: logs/"
+echo "  NOT A DIAGNOSTIC DEVICE."

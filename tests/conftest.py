@@ -8,7 +8,7 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +17,9 @@ import pytest
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "client"))
+from tsclient import wait_ready  # noqa: E402
+
 VENV_BIN = ROOT / ".venv" / "bin"
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -121,21 +124,11 @@ def start_server(store: Path, workdir: Path, overrides: dict[str, str] | None = 
                             stderr=subprocess.STDOUT, start_new_session=True)
     server = Server(props["inference_address"].replace("https", "http"), props["management_address"],
                     props["metrics_address"], workdir, proc, props)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"torchserve exited with {proc.returncode}: "
-                               f"{(workdir / 'torchserve.out').read_text()[-2000:]}")
-        try:
-            if server.key_file.exists():
-                r = requests.get(f"{server.url}/ping", headers=server.headers(), timeout=5)
-                if r.status_code == 200 and r.json().get("status") == "Healthy":
-                    return server
-        except (requests.RequestException, ValueError, KeyError):
-            pass
-        time.sleep(0.5)
+    if wait_ready(server.management, server.key_file, timeout=timeout, alive=lambda: proc.poll() is None):
+        return server
     stop_server(server)
-    raise RuntimeError(f"torchserve not healthy within {timeout} s: {server.log('ts_log.log')[-3000:]}")
+    raise RuntimeError(f"torchserve not ready within {timeout} s (exit {proc.returncode}): "
+                       f"{(workdir / 'torchserve.out').read_text()[-3000:]}")
 
 
 def stop_server(server: Server) -> None:
