@@ -12,13 +12,24 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tsclient import DEFAULT_URL, Client, ClientError, OfflineScorer, iter_images, resolve_token  # noqa: E402
+from tsclient import (  # noqa: E402
+    DEFAULT_URL,
+    AuthError,
+    Client,
+    ClientError,
+    OfflineScorer,
+    default_management_url,
+    find_key_file,
+    iter_images,
+    resolve_token,
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -31,6 +42,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--model", default="melanoma", help="model name (default melanoma)")
     ap.add_argument("--token", help="inference key (default: $TS_TOKEN, else key_file.json)")
     ap.add_argument("--key-file", help="TorchServe's key_file.json (default: ./key_file.json, then the repo's)")
+    ap.add_argument("--management-url",
+                    help="management address, to rotate an expired key with the API key from the key file "
+                    "(default: port 8081 on the same host when --url is loopback http)")
+    ap.add_argument("--cacert", help="CA bundle to verify an https:// server (for a private CA)")
+    ap.add_argument("--insecure-http", action="store_true",
+                    help="allow sending the key over plain http:// to a non-loopback host")
     ap.add_argument("--workers", type=int, default=4, help="images in flight at once (default 4)")
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
     ap.add_argument("--retries", type=int, default=4, help="retries on 503 and connection errors (default 4)")
@@ -50,12 +67,23 @@ def main(argv: list[str] | None = None) -> int:
         workers = 1  # one process-wide model: more threads would only contend for the same cores
     else:
         token = resolve_token(args.token, args.key_file)
-        scorer = Client(args.url, args.model, token, args.timeout, args.retries)
+        # Renewal reads the key file: the one named, or the one the key came from.
+        from_file = args.key_file or not (args.token or os.environ.get("TS_TOKEN"))
+        try:
+            scorer = Client(args.url, args.model, token, args.timeout, args.retries,
+                            key_file=find_key_file(args.key_file) if from_file else None,
+                            management_url=args.management_url or default_management_url(args.url),
+                            cacert=args.cacert, insecure_http=args.insecure_http)
+        except ClientError as e:
+            print(f"predict: error: {e}", file=sys.stderr)
+            return 2
         workers = max(1, args.workers)
 
     def score(path: Path) -> tuple[Path, dict[str, Any] | None, str | None]:
         try:
             return path, scorer.predict_file(path), None
+        except AuthError:
+            raise
         except ClientError as e:
             return path, None, str(e)
 
@@ -64,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         writer.writerow(["path", "probability", "label", "threshold", "error"])
     failed = 0
     warned = False
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
         for path, res, err in pool.map(score, paths):  # map keeps the input order
             failed += err is not None
             if res and res.get("warning") and not warned:
@@ -81,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{path}\t{res['probability']:.4f}\t{res['label']}{demo}", flush=True)
             else:
                 print(f"{path}\tERROR\t{err}", flush=True)
+    except AuthError as e:  # every other image would fail the same way: stop with one line
+        print(f"predict: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
     if failed:
         print(f"predict: {failed} of {len(paths)} image(s) failed", file=sys.stderr)
     return 1 if failed else 0

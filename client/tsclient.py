@@ -5,14 +5,18 @@ Only `requests` is needed to talk to a server; torch is imported only for offlin
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import random
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 
@@ -58,17 +62,28 @@ def resolve_token(token: str | None, key_file: str | None) -> str | None:
 
 
 def model_ready(management_url: str, key_file: Path, model: str = "melanoma") -> bool:
-    """True once a worker of `model` is READY (TorchServe's /ping says Healthy before that)."""
-    key = read_key(key_file, "management")
-    if not key:
-        return False
-    try:
-        r = requests.get(f"{management_url.rstrip('/')}/models/{model}",
-                         headers={"Authorization": f"Bearer {key}"}, timeout=5)
-        workers = r.json()[0]["workers"] if r.status_code == 200 else []
-    except (requests.RequestException, ValueError, KeyError, IndexError):
-        return False
-    return any(w.get("status") == "READY" for w in workers)
+    """True once a worker of `model` is READY (TorchServe's /ping says Healthy before that).
+    An expired management key is rotated with the API key from the same file."""
+    for _ in range(2):
+        key = read_key(key_file, "management")
+        if not key:
+            return False
+        try:
+            r = requests.get(f"{management_url.rstrip('/')}/models/{model}",
+                             headers={"Authorization": f"Bearer {key}"}, timeout=5)
+        except requests.RequestException:
+            return False
+        if _key_refused(r):
+            api = read_key(key_file, "API")
+            if not api or not rotate_key(management_url, api, "management"):
+                return False
+            continue
+        try:
+            workers = r.json()[0]["workers"] if r.status_code == 200 else []
+        except (ValueError, KeyError, IndexError, TypeError):
+            return False
+        return any(w.get("status") == "READY" for w in workers)
+    return False
 
 
 def wait_ready(management_url: str, key_file: Path, model: str = "melanoma", timeout: float = 180,
@@ -90,6 +105,27 @@ def iter_images(paths: Sequence[str]) -> Iterator[Path]:
             yield p
 
 
+class AuthError(ClientError):
+    """The key was refused and could not be renewed: no point trying other images."""
+
+
+def is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def default_management_url(url: str) -> str | None:
+    """Key rotation needs the management API, which stays on loopback: only guess it for a local server."""
+    u = urlsplit(url)
+    return f"{u.scheme}://{u.hostname}:8081" if u.scheme == "http" and is_loopback(u.hostname) else None
+
+
 @dataclass
 class Client:
     url: str = DEFAULT_URL
@@ -98,28 +134,55 @@ class Client:
     timeout: float = 60.0
     retries: int = 4
     backoff: float = 0.5
+    key_file: Path | None = None  # re-read when the key is refused; holds the API key on the server machine
+    management_url: str | None = None  # where to rotate an expired inference key (loopback only)
+    cacert: str | None = None  # a private CA bundle for https:// URLs
+    insecure_http: bool = False  # allow sending the key over plain http to a non-loopback host
 
     def __post_init__(self) -> None:
+        u = urlsplit(self.url)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ClientError(f"bad --url {self.url!r}: expected http(s)://host:port")
+        if u.scheme == "http" and not is_loopback(u.hostname) and self.token:
+            if not self.insecure_http:
+                raise ClientError(
+                    f"refusing to send the inference key in clear text to {u.hostname} over http://; "
+                    "use an https:// URL (see README, HTTPS) or pass --insecure-http if the network is yours"
+                )
+            print(f"WARNING: sending the inference key to {u.hostname} over plain http://", file=sys.stderr)
         self.session = requests.Session()
+        # Passed with every request: a session-level verify loses to REQUESTS_CA_BUNDLE in the environment.
+        self.verify: str | bool = self.cacert or True
         adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=16)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
+        self._key_lock = threading.Lock()
 
     @property
     def endpoint(self) -> str:
         return f"{self.url.rstrip('/')}/predictions/{self.model}"
 
     def predict_bytes(self, data: bytes) -> dict[str, Any]:
-        headers = {"Content-Type": "application/octet-stream"}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
         last: ClientError | None = None
-        for attempt in range(self.retries + 1):
+        renewed = False
+        attempt = 0
+        while attempt <= self.retries:
             if attempt:
                 # Exponential backoff with jitter, so retrying clients do not arrive in lock-step.
                 time.sleep(self.backoff * 2 ** (attempt - 1) * (0.5 + random.random()))
+            attempt += 1
+            token = self.token
+            headers = {"Content-Type": "application/octet-stream"}
+            if token:
+                headers["Authorization"] = f"Bearer {token}"
             try:
-                r = self.session.post(self.endpoint, data=data, headers=headers, timeout=self.timeout)
+                r = self.session.post(self.endpoint, data=data, headers=headers, timeout=self.timeout,
+                                      verify=self.verify)
+            except requests.exceptions.SSLError as e:
+                raise ClientError(
+                    f"TLS certificate verification failed for {self.url} ({_reason(e)}); "
+                    "for a private CA pass --cacert ca.pem"
+                ) from None
             except requests.exceptions.ConnectionError:
                 last = ClientError(f"cannot connect to {self.url} (is TorchServe running?)")
                 continue
@@ -131,11 +194,42 @@ class Client:
                     return r.json()
                 except ValueError:
                     raise ClientError(f"the server answered 200 but not JSON: {r.text[:200]!r}") from None
+            if _key_refused(r):
+                if renewed or not self.renew_key(token):
+                    raise AuthError(
+                        "the inference key was refused (expired or rotated): get the current one on the "
+                        "server with scripts/token.sh and pass it with --token or TS_TOKEN", r.status_code)
+                renewed = True
+                attempt -= 1  # a renewed key is not a retry
+                continue
             last = ClientError(server_message(r), r.status_code)
             if r.status_code not in RETRY_STATUS:
                 break
         assert last is not None
         raise last
+
+    def renew_key(self, refused: str | None) -> bool:
+        """After a refusal: take a newer key from the key file, or rotate it with the API key when this
+        machine can read it. Threads share one renewal; the key itself is never printed."""
+        with self._key_lock:
+            if self.token != refused:
+                return True  # another thread already renewed it
+            if self.key_file is None:
+                return False
+            fresh = _read_key_retrying(self.key_file, "inference")
+            if fresh and fresh != refused:
+                self.token = fresh
+                return True
+            api = _read_key_retrying(self.key_file, "API")
+            if not api or not self.management_url:
+                return False
+            if not rotate_key(self.management_url, api, "inference", self.cacert):
+                return False
+            fresh = _read_key_retrying(self.key_file, "inference")
+            if fresh and fresh != refused:
+                self.token = fresh
+                return True
+            return False
 
     def predict_file(self, path: Path) -> dict[str, Any]:
         try:
@@ -143,6 +237,39 @@ class Client:
         except OSError as e:
             raise ClientError(f"cannot read {path}: {e.strerror}") from None
         return self.predict_bytes(data)
+
+
+def rotate_key(management_url: str, api_key: str, kind: str = "inference", cacert: str | None = None) -> bool:
+    """TorchServe 0.12: GET <management>/token?type=KIND with the API key issues a new key and
+    rewrites key_file.json; the old key is refused from then on."""
+    try:
+        r = requests.get(f"{management_url.rstrip('/')}/token", params={"type": kind},
+                         headers={"Authorization": f"Bearer {api_key}"}, timeout=10, verify=cacert or True)
+    except requests.RequestException:
+        return False
+    return r.status_code == 200
+
+
+def _read_key_retrying(key_file: Path, kind: str) -> str | None:
+    for _ in range(5):  # TorchServe may be rewriting the file right now
+        key = read_key(key_file, kind)
+        if key:
+            return key
+        time.sleep(0.1)
+    return None
+
+
+def _key_refused(r: requests.Response) -> bool:
+    return r.status_code in (400, 401, 403) and "InvalidKeyException" in r.text
+
+
+def _reason(e: Exception) -> str:
+    text = str(e)
+    for marker in ("certificate verify failed", "hostname mismatch", "self-signed certificate",
+                   "unable to get local issuer certificate"):
+        if marker in text:
+            return marker
+    return text[:160]
 
 
 def server_message(r: requests.Response) -> str:

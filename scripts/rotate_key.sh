@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Rotate TorchServe's inference key now (the old one is refused at once) and rewrite key_file.json.
+# Run on the server, as the user that started TorchServe. Then hand the new key (scripts/token.sh)
+# to remote clients. Local clients (client/predict.py) pick it up from key_file.json by themselves.
+#   scripts/rotate_key.sh [inference|management]
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+kind="${1:-inference}"
+[[ "$kind" == inference || "$kind" == management ]] || { echo "rotate_key: error: kind is inference or management" >&2; exit 2; }
+cd "$root"
+.venv/bin/python - "$kind" <<'PY'
+import sys
+sys.path.insert(0, "client")
+from pathlib import Path
+from tsclient import read_key, rotate_key
+props = dict(l.split("=", 1) for l in Path("config.properties").read_text().splitlines() if "=" in l and not l.startswith("#"))
+api = read_key(Path("key_file.json"), "API")
+if not api:
+    sys.exit("rotate_key: error: key_file.json has no API key here; run this where TorchServe was started")
+if not rotate_key(props.get("management_address", "http://127.0.0.1:8081").strip(), api, sys.argv[1]):
+    sys.exit("rotate_key: error: TorchServe refused or did not answer; is it running (scripts/serve.sh)?")
+print(f"rotate_key: new {sys.argv[1]} key written to key_file.json (print it with scripts/token.sh)")
+PY
