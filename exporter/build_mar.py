@@ -51,10 +51,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--force", action="store_true", help="overwrite an existing archive")
     ap.add_argument("--trust-checkpoint", action="store_true",
                     help="allow a pickle that needs code execution (only for files you trust)")
-    ap.add_argument("--batch-size", type=int, default=4, help="TorchServe batchSize (default 4)")
+    ap.add_argument("--batch-size", type=int, default=1,
+                    help="TorchServe batchSize (default 1: on CPU a bigger batch is slower per image)")
     ap.add_argument("--max-batch-delay", type=int, default=5, help="TorchServe maxBatchDelay in ms (default 5)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in the worker (0: all usable CPUs)")
-    ap.add_argument("--no-channels-last", action="store_true", help="trace in the default memory layout")
     return ap.parse_args(argv)
 
 
@@ -114,7 +114,7 @@ def build(args: argparse.Namespace) -> Path:
     for note in ckpt.notes:
         print(f"  note: {note}", file=sys.stderr)
 
-    ts = export_torchscript(ckpt, cfg.image_size, channels_last=not args.no_channels_last)
+    ts = export_torchscript(ckpt, cfg.image_size)
     version = args.version or ("0.0-demo" if demo else "1.0")
 
     with tempfile.TemporaryDirectory(prefix="build_mar.") as tmp_s:
@@ -133,7 +133,6 @@ def build(args: argparse.Namespace) -> Path:
             "torchscript_sha256": file_sha256(model_path),
             "demo": demo,
             "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "memory_format": "contiguous" if args.no_channels_last else "channels_last",
             "versions": versions(),
         }
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")

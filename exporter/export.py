@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import io
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import nn
 
 from exporter.checkpoint import LoadedCheckpoint, build_model, tensors_sha256
+from handler.pipeline import load_model
 
 DEMO_SEED = 20200817  # fixed: the demo archive is the same on every machine with the same torch
 TRACE_TOLERANCE = 1e-4  # max |logit(trace) - logit(eager)|
@@ -67,38 +71,28 @@ def demo_checkpoint(image_size: int = 128) -> LoadedCheckpoint:
     return LoadedCheckpoint(model, 1, "demo", tensors_sha256(sd), ["untrained demo weights"])
 
 
-def export_torchscript(ckpt: LoadedCheckpoint, image_size: int, channels_last: bool = True) -> torch.jit.ScriptModule:
-    """Trace, freeze and verify against the eager model; raise ExportError if they disagree."""
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+def export_torchscript(ckpt: LoadedCheckpoint, image_size: int) -> torch.jit.ScriptModule:
+    """Trace and freeze; verify what will serve (the saved file, reloaded and optimised exactly as
+    handler/pipeline.py loads it) against the eager model; raise ExportError if they disagree."""
     eager = MalignancyLogit(ckpt.module, ckpt.outputs).eval()
-    model = MalignancyLogit(ckpt.module, ckpt.outputs).eval()
-    if not isinstance(ckpt.module, torch.jit.ScriptModule):
-        # A copy in channels-last; the eager reference keeps the layout it was trained in.
-        model = MalignancyLogit(_copy(ckpt.module, ckpt.outputs).to(memory_format=memory_format), ckpt.outputs)
-        model.eval()
-    example = torch.randn(2, 3, image_size, image_size).contiguous(memory_format=memory_format)
+    example = torch.randn(2, 3, image_size, image_size)
     with torch.inference_mode():
-        traced = torch.jit.trace(model, example, check_trace=False)
+        traced = torch.jit.trace(eager, example, check_trace=False)
     frozen = torch.jit.freeze(traced.eval())
-    verify(eager, frozen, image_size, memory_format)
+    buf = io.BytesIO()
+    torch.jit.save(frozen, buf)
+    verify(eager, load_model(buf.getvalue()), image_size)
     return frozen
 
 
-def _copy(module: nn.Module, outputs: int) -> nn.Module:
-    clone = build_model(outputs).eval()
-    clone.load_state_dict(module.state_dict())
-    return clone
-
-
-def verify(eager: nn.Module, exported: torch.jit.ScriptModule, image_size: int,
-           memory_format: torch.memory_format) -> float:
+def verify(eager: nn.Module, exported: Callable[[torch.Tensor], torch.Tensor], image_size: int) -> float:
     gen = torch.Generator().manual_seed(0)
     worst = 0.0
     for n in VERIFY_BATCHES:
         x = torch.randn(n, 3, image_size, image_size, generator=gen)
         with torch.inference_mode():
             ref = eager(x)
-            got = exported(x.contiguous(memory_format=memory_format))
+            got = exported(x)
         if got.shape != (n, 1):
             raise ExportError(f"exported model returns {tuple(got.shape)} for a batch of {n}, expected ({n}, 1)")
         worst = max(worst, float((got - ref).abs().max()))

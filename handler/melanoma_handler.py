@@ -24,8 +24,10 @@ from handler.pipeline import (
     InputError,
     PipelineConfig,
     Scorer,
+    load_model,
     load_tensor,
     read_model_config,
+    release_memory,
     result,
 )
 
@@ -89,10 +91,10 @@ class MelanomaHandler(BaseHandler):
             pass
         self.metadata: dict[str, Any] = json.loads((model_dir / METADATA_FILE).read_text())
         serialized = context.manifest["model"]["serializedFile"]
-        model = torch.jit.load(str(model_dir / serialized), map_location="cpu")
-        channels_last = self.metadata.get("memory_format", "channels_last") == "channels_last"
-        self.scorer = Scorer(model, self.cfg, channels_last=channels_last)
+        model = load_model(model_dir / serialized)
+        self.scorer = Scorer(model, self.cfg)
         self.scorer.warm_up()
+        release_memory()
         if self.metadata.get("demo"):
             logger.warning("serving the untrained DEMO model: its scores mean nothing")
         logger.info(

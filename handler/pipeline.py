@@ -7,9 +7,11 @@ serving and offline scores cannot drift apart. It must not import TorchServe.
 
 from __future__ import annotations
 
+import ctypes
 import io
 import json
 import os
+import warnings
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -205,20 +207,46 @@ def view_probabilities(logits: torch.Tensor, n: int, views: int) -> torch.Tensor
 Model = Callable[[torch.Tensor], torch.Tensor]
 
 
+def load_model(source: bytes | str | os.PathLike[str]) -> torch.jit.ScriptModule:
+    """Load the archive's frozen TorchScript and optimise it for this CPU.
+
+    optimize_for_inference (oneDNN prepacked convolutions, conv-BN folding) measured ~15-25 % faster
+    than the frozen module here, but its result cannot be saved and reloaded, so it runs at load time.
+    The build verifies exactly this load path against the eager model.
+    """
+    # From a path when there is one: reading the file into bytes first would hold a second copy
+    # of the weights (~115 MB) in the worker for as long as the allocator keeps it.
+    f = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else str(source)
+    model = torch.jit.load(f, map_location="cpu").eval()
+    try:
+        return torch.jit.optimize_for_inference(model)
+    except Exception as e:  # pragma: no cover - depends on the CPU/oneDNN build
+        warnings.warn(f"optimize_for_inference failed ({e}); serving the frozen model", stacklevel=2)
+        return model
+
+
+def release_memory() -> None:
+    """Hand freed heap back to the OS (glibc keeps it otherwise): after loading and optimising the
+    model this takes the worker from ~590 to ~420 MiB RSS, which decides whether a t2.micro fits."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 class Scorer:
     """Scores preprocessed tensors with a model that maps N x 3 x S x S to N x 1 malignancy logits."""
 
-    def __init__(self, model: Model, cfg: PipelineConfig, channels_last: bool = True) -> None:
+    def __init__(self, model: Model, cfg: PipelineConfig) -> None:
         self.model = model
         self.cfg = cfg
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def predict(self, tensors: Sequence[torch.Tensor]) -> list[float]:
         """All views of all images go through ONE forward pass."""
         if not tensors:
             return []
         x = torch.stack(list(tensors))
-        batch = tta_views(x, self.cfg.tta_views).contiguous(memory_format=self.memory_format)
+        batch = tta_views(x, self.cfg.tta_views).contiguous()
         with torch.inference_mode():
             logits = self.model(batch)
         return view_probabilities(logits.float(), len(tensors), self.cfg.tta_views).tolist()
@@ -291,5 +319,4 @@ def load_archive(path: str | os.PathLike[str], threads: int | None = None) -> Lo
     metadata = json.loads(read(METADATA_FILE))
     if threads:
         torch.set_num_threads(threads)
-    model = torch.jit.load(io.BytesIO(read(MODEL_FILE)), map_location="cpu")
-    return LoadedArchive(Scorer(model, cfg), cfg, metadata)
+    return LoadedArchive(Scorer(load_model(read(MODEL_FILE)), cfg), cfg, metadata)

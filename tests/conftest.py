@@ -2,35 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import requests
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "client"))
-from tsclient import wait_ready  # noqa: E402
-
-VENV_BIN = ROOT / ".venv" / "bin"
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-
-
-def run_build(*args: str, output_dir: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """./build_mar.sh exactly as a user runs it."""
-    proc = subprocess.run([str(ROOT / "build_mar.sh"), *args, "--output-dir", str(output_dir)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"build_mar.sh failed ({proc.returncode}): {proc.stderr}")
-    return proc
+from harness import Server, run_build, start_server, stop_server
 
 
 @pytest.fixture(scope="session")
@@ -46,100 +23,6 @@ def demo_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def demo_archive(demo_store: Path) -> Path:
     return demo_store / "melanoma.mar"
-
-
-def free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-@dataclass
-class Server:
-    url: str
-    management: str
-    metrics: str
-    workdir: Path
-    proc: subprocess.Popen[bytes]
-    props: dict[str, str] = field(default_factory=dict)
-
-    def keys(self) -> dict[str, str]:
-        data = json.loads((self.workdir / "key_file.json").read_text())
-        return {k: v["key"] for k, v in data.items()}
-
-    @property
-    def key_file(self) -> Path:
-        return self.workdir / "key_file.json"
-
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.keys()['inference']}"}
-
-    def predict(self, body: bytes, **kw) -> requests.Response:
-        h = {"Content-Type": "application/octet-stream", **self.headers(), **kw.pop("headers", {})}
-        return requests.post(f"{self.url}/predictions/melanoma", data=body, headers=h, timeout=120, **kw)
-
-    def log(self, name: str = "model_log.log") -> str:
-        p = self.workdir / "logs" / name
-        return p.read_text(errors="replace") if p.exists() else ""
-
-
-def server_properties(store: Path, workdir: Path, overrides: dict[str, str] | None = None) -> dict[str, str]:
-    """The repo's config.properties, with free loopback ports and a private temp dir."""
-    props: dict[str, str] = {}
-    for line in (ROOT / "config.properties").read_text().splitlines():
-        if line.strip() and not line.lstrip().startswith("#") and "=" in line:
-            k, v = line.split("=", 1)
-            props[k.strip()] = v.strip()
-    inf, mgmt, met, g1, g2 = free_ports(5)
-    props.update({
-        "inference_address": f"http://127.0.0.1:{inf}",
-        "management_address": f"http://127.0.0.1:{mgmt}",
-        "metrics_address": f"http://127.0.0.1:{met}",
-        "grpc_inference_port": str(g1),
-        "grpc_management_port": str(g2),
-        "model_store": str(store),
-        # worker sockets go to java.io.tmpdir: private, so tests never collide with a running server
-        "vmargs": props["vmargs"] + f" -Djava.io.tmpdir={workdir}",
-    })
-    props.update(overrides or {})
-    return props
-
-
-def start_server(store: Path, workdir: Path, overrides: dict[str, str] | None = None,
-                 timeout: float = 240) -> Server:
-    workdir.mkdir(parents=True, exist_ok=True)
-    props = server_properties(store, workdir, overrides)
-    cfg = workdir / "config.properties"
-    cfg.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
-    env = {**os.environ, "TMPDIR": str(workdir), "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
-    log = open(workdir / "torchserve.out", "wb")
-    proc = subprocess.Popen([str(VENV_BIN / "torchserve"), "--start", "--foreground", "--ncs",
-                             "--ts-config", str(cfg)], cwd=workdir, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    server = Server(props["inference_address"], props["management_address"],
-                    props["metrics_address"], workdir, proc, props)
-    if wait_ready(server.management, server.key_file, timeout=timeout, alive=lambda: proc.poll() is None):
-        return server
-    stop_server(server)
-    raise RuntimeError(f"torchserve not ready within {timeout} s (exit {proc.returncode}): "
-                       f"{(workdir / 'torchserve.out').read_text()[-3000:]}")
-
-
-def stop_server(server: Server) -> None:
-    try:
-        os.killpg(server.proc.pid, signal.SIGTERM)
-        server.proc.wait(timeout=30)
-    except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(server.proc.pid, signal.SIGKILL)
-        server.proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import run_build
+from harness import run_build
 from imaging import encode, lesion_rgb
 
 from exporter.checkpoint import build_model

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import ROOT, Server, free_ports, start_server, stop_server
+from harness import ROOT, Server, free_ports, start_server, stop_server
 from imaging import encode, lesion_rgb
 
 pytestmark = pytest.mark.integration

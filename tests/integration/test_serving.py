@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from conftest import ROOT, Server
+from harness import ROOT, Server
 from imaging import encode, lesion_rgb, variants
 
 from handler.pipeline import LoadedArchive, load_archive

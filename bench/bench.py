@@ -1,0 +1,337 @@
+#!/usr/bin/env python3
+"""Benchmark: our pipeline against the original approach, in-process and through real TorchServe.
+
+    .venv/bin/python bench/bench.py             # full run (~5 min on 2 cores); table + bench/results/latest.json
+    .venv/bin/python bench/bench.py --smoke     # seconds: checks that every figure is produced
+
+Baseline, run in the same process as ours: Pillow full decode, A.Resize(128, 128) (INTER_LINEAR),
+A.Normalize(), the eager model, one forward per TTA view (8), sigmoid, mean. Ours: handler/pipeline.py with
+the archive's TorchScript model. Runs alternate baseline/ours so that drift on a shared machine hits both.
+Benchmarks are not tests: nothing here asserts on time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+from imaging import encode, lesion_rgb  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+
+
+def images() -> dict[str, bytes]:
+    small = encode(lesion_rgb(128, 128, seed=1), "JPEG", quality=92)
+    big = encode(cv2.resize(lesion_rgb(400, 600, seed=2), (6000, 4000), interpolation=cv2.INTER_CUBIC),
+                 "JPEG", quality=90)
+    return {"128px": small, "24MP": big}
+
+
+def stats(ts: list[float]) -> dict[str, float]:
+    ts = sorted(ts)
+    return {"median_ms": 1000 * statistics.median(ts), "p95_ms": 1000 * ts[min(len(ts) - 1, int(0.95 * len(ts)))],
+            "n": len(ts)}
+
+
+def timed(f: Callable[[], Any]) -> float:
+    t = time.perf_counter()
+    f()
+    return time.perf_counter() - t
+
+
+# ---------------------------------------------------------------------------------------------
+# In-process (one subprocess per thread count, so affinity and thread pools start clean)
+# ---------------------------------------------------------------------------------------------
+
+
+def inprocess(archive: Path, threads: int, repeats: int) -> dict[str, Any]:
+    import albumentations as A
+    import torch
+    from PIL import Image
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from exporter.checkpoint import build_model
+    from handler.pipeline import PipelineConfig, decode_image, load_archive, preprocess, tta_views
+
+    if threads == 1:
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core, like a t2.micro
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    eager = build_model(1).eval()
+    ours = load_archive(archive)
+    cfg: PipelineConfig = ours.cfg
+    base_tf = A.Compose([A.Resize(128, 128), A.Normalize()])
+
+    def baseline(data: bytes) -> float:
+        import io
+
+        rgb = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        x = torch.from_numpy(base_tf(image=rgb)["image"].transpose(2, 0, 1).copy())[None]
+        views = tta_views(x, 8)
+        with torch.no_grad():
+            return float(torch.stack([torch.sigmoid(eager(v[None]))[0, 0] for v in views]).mean())
+
+    imgs = images()
+    for data in imgs.values():  # warm both paths
+        baseline(data)
+        ours.score(data)
+    batch = tta_views(preprocess(decode_image(imgs["128px"], cfg), cfg)[None], 8).contiguous()
+    with FlopCounterMode(display=False) as fc, torch.inference_mode():
+        eager(batch)
+    flops = fc.get_total_flops()
+    a = torch.randn(2048, 2048)
+    out: dict[str, Any] = {"threads": threads, "forward_gflop_8_views": flops / 1e9}
+    t_base: dict[str, list[float]] = {k: [] for k in imgs}
+    t_ours: dict[str, list[float]] = {k: [] for k in imgs}
+    t_fwd, t_mm = [], []
+    parts: dict[str, list[float]] = {f"{k}_{p}": [] for k in imgs for p in ("decode", "preprocess")}
+    with torch.inference_mode():
+        for _ in range(repeats):
+            for k, data in imgs.items():
+                t_base[k].append(timed(lambda d=data: baseline(d)))
+                t_ours[k].append(timed(lambda d=data: ours.score(d)))
+                t0 = time.perf_counter()
+                rgb = decode_image(data, cfg)
+                t1 = time.perf_counter()
+                preprocess(rgb, cfg)
+                parts[f"{k}_decode"].append(t1 - t0)
+                parts[f"{k}_preprocess"].append(time.perf_counter() - t1)
+            t_fwd.append(timed(lambda: ours.scorer.model(batch)))
+            t_mm.append(timed(lambda: a @ a))
+    for k in imgs:
+        out[k] = {"baseline": stats(t_base[k]), "ours": stats(t_ours[k]),
+                  "speedup": statistics.median(t_base[k]) / statistics.median(t_ours[k])}
+    fwd, mm = statistics.median(t_fwd), statistics.median(t_mm)
+    out["forward_8_views"] = stats(t_fwd)
+    out["forward_gflops"] = flops / fwd / 1e9
+    out["matmul_gflops"] = 2 * 2048**3 / mm / 1e9
+    out["forward_vs_matmul"] = out["forward_gflops"] / out["matmul_gflops"]
+    out["parts_ms"] = {k: 1000 * statistics.median(v) for k, v in parts.items()}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Served: real TorchServe with our config.properties, one worker
+# ---------------------------------------------------------------------------------------------
+
+
+class PeakRSS:
+    """Samples JVM + worker RSS every 50 ms while active."""
+
+    def __init__(self, pid: int) -> None:
+        import psutil
+
+        self.root = psutil.Process(pid)
+        self.peak = 0.0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def current(self) -> float:
+        import psutil
+
+        total = 0
+        try:
+            for p in [self.root, *self.root.children(recursive=True)]:
+                cmd = " ".join(p.cmdline())
+                if "org.pytorch.serve.ModelServer" in cmd or "model_service_worker" in cmd:
+                    total += p.memory_info().rss
+        except psutil.Error:
+            pass
+        return total / 2**20
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.peak = max(self.peak, self.current())
+            time.sleep(0.05)
+
+    def __enter__(self) -> PeakRSS:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def served(archive: Path, repeats: int, load_requests: int) -> dict[str, Any]:
+    import requests
+    from harness import start_server, stop_server
+
+    work = Path(tempfile.mkdtemp(prefix="bench-ts."))
+    store = work / "model_store"
+    store.mkdir()
+    (store / "melanoma.mar").symlink_to(archive.resolve())
+    imgs = images()
+    t0 = time.perf_counter()
+    srv = start_server(store, work / "run")
+    try:
+        session = requests.Session()
+        url = f"{srv.url}/predictions/melanoma"
+        headers = {**srv.headers(), "Content-Type": "application/octet-stream"}
+        while session.post(url, data=imgs["128px"], headers=headers, timeout=60).status_code != 200:
+            time.sleep(0.1)
+        out: dict[str, Any] = {"cold_start_s": time.perf_counter() - t0}
+
+        def post(data: bytes) -> float:
+            t = time.perf_counter()
+            r = session.post(url, data=data, headers=headers, timeout=120)
+            if r.status_code != 200:
+                raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
+            return time.perf_counter() - t
+
+        for data in imgs.values():
+            post(data)
+        lat: dict[str, list[float]] = {k: [] for k in imgs}
+        for _ in range(repeats):
+            for k, data in imgs.items():
+                lat[k].append(post(data))
+        out["latency_1_client"] = {k: stats(v) for k, v in lat.items()}
+        out["throughput_4_clients"] = {}
+        with PeakRSS(srv.proc.pid) as rss:
+            sessions = [requests.Session() for _ in range(4)]
+            for k, data in imgs.items():
+
+                def one(i: int, d: bytes = data) -> None:
+                    r = sessions[i % 4].post(url, data=d, headers=headers, timeout=300)
+                    if r.status_code != 200:
+                        raise RuntimeError(f"HTTP {r.status_code}")
+
+                t = time.perf_counter()
+                with ThreadPoolExecutor(4) as pool:
+                    list(pool.map(one, range(load_requests)))
+                out["throughput_4_clients"][k] = load_requests / (time.perf_counter() - t)
+        out["peak_rss_mib"] = rss.peak
+        return out
+    finally:
+        stop_server(srv)
+
+
+def explain_latency(archive: Path, repeats: int) -> dict[str, Any] | None:
+    return None  # filled in when the explanations endpoint exists
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def table(res: dict[str, Any]) -> str:
+    lines = []
+    add = lines.append
+    add(f"Machine: {res['machine']}")
+    add("")
+    add("| in-process | threads | baseline median (p95) | ours median (p95) | speed-up |")
+    add("|---|---|---|---|---|")
+    for ip in res["inprocess"]:
+        for k in ("128px", "24MP"):
+            b, o = ip[k]["baseline"], ip[k]["ours"]
+            add(f"| {k} JPEG | {ip['threads']} | {b['median_ms']:.0f} ms ({b['p95_ms']:.0f}) | "
+                f"{o['median_ms']:.0f} ms ({o['p95_ms']:.0f}) | {ip[k]['speedup']:.2f}x |")
+    add("")
+    add("| 8-view forward | threads | time | GFLOP/s | same-run fp32 matmul | ratio |")
+    add("|---|---|---|---|---|---|")
+    for ip in res["inprocess"]:
+        add(f"| {ip['forward_gflop_8_views']:.1f} GFLOP | {ip['threads']} | {ip['forward_8_views']['median_ms']:.0f} ms"
+            f" | {ip['forward_gflops']:.0f} | {ip['matmul_gflops']:.0f} GFLOP/s"
+            f" | {100 * ip['forward_vs_matmul']:.0f} % |")
+    add("")
+    add("| where the time goes (ours, ms) | threads | " + " | ".join(res["inprocess"][0]["parts_ms"]) + " |")
+    add("|---|---|" + "---|" * len(res["inprocess"][0]["parts_ms"]))
+    for ip in res["inprocess"]:
+        add(f"| | {ip['threads']} | " + " | ".join(f"{v:.1f}" for v in ip["parts_ms"].values()) + " |")
+    sv = res.get("served")
+    if sv:
+        ip2 = next(ip for ip in res["inprocess"] if ip["threads"] == max(i["threads"] for i in res["inprocess"]))
+        add("")
+        add("| served (1 worker) | p50 (p95), 1 client | vs in-process | throughput, 4 clients | vs in-process |")
+        add("|---|---|---|---|---|")
+        for k in ("128px", "24MP"):
+            lat = sv["latency_1_client"][k]
+            inproc = ip2[k]["ours"]["median_ms"]
+            thr = sv["throughput_4_clients"][k]
+            add(f"| {k} JPEG | {lat['median_ms']:.0f} ms ({lat['p95_ms']:.0f}) | {lat['median_ms'] / inproc:.2f}x | "
+                f"{thr:.2f} img/s | {thr * inproc / 1000:.2f}x |")
+        add("")
+        add(f"Peak RSS, JVM + worker, under 4-client load: {sv['peak_rss_mib']:.0f} MiB. "
+            f"Cold start (torchserve --start to first prediction): {sv['cold_start_s']:.1f} s.")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--archive", default=str(ROOT / "model_store" / "melanoma.mar"),
+                    help="archive to measure (built as the demo if absent)")
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--load-requests", type=int, default=24, help="requests per image in the 4-client load")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--smoke", action="store_true", help="seconds-long run: every figure, few repeats")
+    ap.add_argument("--no-served", action="store_true", help="skip the TorchServe part")
+    ap.add_argument("--out", default=str(RESULTS / "latest.json"))
+    ap.add_argument("--inprocess-child", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.smoke:
+        args.repeats, args.load_requests = 2, 4
+    archive = Path(args.archive)
+
+    if args.inprocess_child:
+        print(json.dumps(inprocess(archive, args.inprocess_child, args.repeats)))
+        return 0
+
+    if not archive.exists():
+        from harness import run_build
+
+        tmp = Path(tempfile.mkdtemp(prefix="bench-mar."))
+        run_build(output_dir=tmp)
+        archive = tmp / "melanoma.mar"
+    res: dict[str, Any] = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} logical CPUs, {cpu_model()}, Python "
+                   f"{platform.python_version()}",
+        "archive": str(archive),
+        "inprocess": [],
+    }
+    for n in args.threads:
+        proc = subprocess.run([sys.executable, __file__, "--archive", str(archive), "--repeats", str(args.repeats),
+                               "--inprocess-child", str(n)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(proc.stderr, file=sys.stderr)
+            return 1
+        res["inprocess"].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    if not args.no_served:
+        res["served"] = served(archive, args.repeats, args.load_requests)
+    res["table"] = table(res)
+    print(res["table"])
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    print(f"\nwrote {out}")
+    return 0
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
