@@ -204,6 +204,7 @@ def served(archive: Path, repeats: int, load_requests: int) -> dict[str, Any]:
             for k, data in imgs.items():
                 lat[k].append(post(data))
         out["latency_1_client"] = {k: stats(v) for k, v in lat.items()}
+        out["torchserve_metrics_ms"] = torchserve_split(srv.workdir / "logs")
         out["throughput_4_clients"] = {}
         with PeakRSS(srv.proc.pid) as rss:
             sessions = [requests.Session() for _ in range(4)]
@@ -222,6 +223,24 @@ def served(archive: Path, repeats: int, load_requests: int) -> dict[str, Any]:
         return out
     finally:
         stop_server(srv)
+
+
+def torchserve_split(logs: Path) -> dict[str, float]:
+    """TorchServe's own view of where a request's time went: the handler (PredictionTime, our code in
+    the worker) versus the frontend's whole inference latency (queue + IPC + handler)."""
+    import re
+
+    def values(name: str, pattern: str) -> list[float]:
+        text = (logs / name).read_text(errors="replace") if (logs / name).exists() else ""
+        return [float(v) for v in re.findall(pattern, text)]
+
+    handler = values("model_metrics.log", r"PredictionTime\.ms:([0-9.]+)")
+    latency = r"ts_inference_latency_microseconds\.Microseconds:([0-9.]+)"
+    frontend = [v / 1000 for v in values("ts_metrics.log", latency)]
+    if not handler or not frontend:
+        return {}
+    return {"handler_median": statistics.median(handler), "frontend_median": statistics.median(frontend),
+            "frontend_overhead_median": statistics.median(frontend) - statistics.median(handler)}
 
 
 def explain_latency(archive: Path, repeats: int) -> dict[str, Any] | None:
@@ -267,6 +286,13 @@ def table(res: dict[str, Any]) -> str:
             thr = sv["throughput_4_clients"][k]
             add(f"| {k} JPEG | {lat['median_ms']:.0f} ms ({lat['p95_ms']:.0f}) | {lat['median_ms'] / inproc:.2f}x | "
                 f"{thr:.2f} img/s | {thr * inproc / 1000:.2f}x |")
+        split = sv.get("torchserve_metrics_ms") or {}
+        if split:
+            add("")
+            add(f"TorchServe's own metrics, all served requests: handler (our code, PredictionTime) median "
+                f"{split['handler_median']:.0f} ms; frontend inference latency median "
+                f"{split['frontend_median']:.0f} ms "
+                f"(frontend + IPC: {split['frontend_overhead_median']:.1f} ms).")
         add("")
         add(f"Peak RSS, JVM + worker, under 4-client load: {sv['peak_rss_mib']:.0f} MiB. "
             f"Cold start (torchserve --start to first prediction): {sv['cold_start_s']:.1f} s.")

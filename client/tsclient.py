@@ -283,6 +283,8 @@ def server_message(r: requests.Response) -> str:
         if body.get("type") == "InvalidKeyException":
             msg += " (send the inference key: --token, TS_TOKEN, or --key-file pointing at key_file.json)"
         return f"HTTP {r.status_code}: {msg}"
+    if r.status_code == 413 and not r.text.strip():
+        return "HTTP 413: the request is larger than the server's max_request_size (26 MiB by default)"
     return f"HTTP {r.status_code}: {r.text.strip()[:300] or r.reason}"
 
 

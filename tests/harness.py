@@ -95,13 +95,15 @@ def server_properties(store: Path, workdir: Path, overrides: dict[str, str] | No
 
 
 def start_server(store: Path, workdir: Path, overrides: dict[str, str] | None = None,
-                 timeout: float = 240) -> Server:
+                 timeout: float = 240, props: dict[str, str] | None = None) -> Server:
+    """Start TorchServe in `workdir`; `props` (e.g. a stopped server's) reuses its ports."""
     workdir.mkdir(parents=True, exist_ok=True)
-    props = server_properties(store, workdir, overrides)
+    props = props or server_properties(store, workdir, overrides)
     cfg = workdir / "config.properties"
     cfg.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+    (workdir / "key_file.json").unlink(missing_ok=True)  # never mistake a stale key file for readiness
     env = {**os.environ, "TMPDIR": str(workdir), "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
-    log = open(workdir / "torchserve.out", "wb")
+    log = open(workdir / "torchserve.out", "ab")
     proc = subprocess.Popen([str(VENV_BIN / "torchserve"), "--start", "--foreground", "--ncs",
                              "--ts-config", str(cfg)], cwd=workdir, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
@@ -114,14 +116,44 @@ def start_server(store: Path, workdir: Path, overrides: dict[str, str] | None = 
                        f"{(workdir / 'torchserve.out').read_text()[-3000:]}")
 
 
-def stop_server(server: Server) -> None:
+def worker_pids(server: Server) -> list[int]:
+    import psutil
+
     try:
-        os.killpg(server.proc.pid, signal.SIGTERM)
-        server.proc.wait(timeout=30)
+        procs = psutil.Process(server.proc.pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    return [p.pid for p in procs if "model_service_worker" in " ".join(p.cmdline())]
+
+
+def stop_server(server: Server, timeout: float = 30) -> None:
+    """Stop the launcher, the JVM and the worker, and wait until every one of them is gone, so that
+    a restart in the same folder never meets the old server (or its pid file)."""
+    import psutil
+
+    try:
+        pgid = os.getpgid(server.proc.pid)
     except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(server.proc.pid, signal.SIGKILL)
+        pgid = None
+    if pgid is not None and pgid == os.getpgrp():  # never signal our own group
+        raise RuntimeError("torchserve shares the test runner's process group")
+    members = []
+    if pgid is not None:
+        members = [p for p in psutil.process_iter() if _pgid(p) == pgid]
+        os.killpg(pgid, signal.SIGTERM)
+    _, alive = psutil.wait_procs(members, timeout=timeout)
+    for p in alive:
+        p.kill()
+    psutil.wait_procs(alive, timeout=10)
+    try:
         server.proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+    (server.workdir / ".model_server.pid").unlink(missing_ok=True)
 
 
+def _pgid(p: object) -> int | None:
+    try:
+        return os.getpgid(p.pid)  # type: ignore[attr-defined]
+    except (ProcessLookupError, PermissionError):
+        return None

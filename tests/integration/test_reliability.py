@@ -1,0 +1,405 @@
+"""Reliability and security against a live server: bad inputs, load, faults, access, unsafe checkpoints.
+
+Every case records what was expected and what was observed; the module writes docs/RELIABILITY.md from
+those rows when it finishes, so the report is always the latest run's, never written by hand.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import requests
+import torch
+from harness import ROOT, Server, run_build, start_server, stop_server, worker_pids
+from imaging import encode, jpeg_with_orientation, lesion_rgb, png_header_only
+from PIL import Image
+
+from handler.pipeline import LoadedArchive, load_archive
+
+sys.path.insert(0, str(ROOT / "client"))
+from tsclient import Client  # noqa: E402
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+REPORT = ROOT / "docs" / "RELIABILITY.md"
+ROWS: dict[str, list[tuple[str, str, str, bool]]] = {}
+FIGURES: dict[str, str] = {}
+
+
+def record(section: str, case: str, expected: str, observed: str, ok: bool) -> None:
+    ROWS.setdefault(section, []).append((case, expected, observed, ok))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report() -> Iterator[None]:
+    yield
+    lines = ["# Reliability report", "",
+             "Written by `tests/integration/test_reliability.py` from its latest run (`scripts/test.sh`); "
+             "do not edit by hand.", "",
+             f"Run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs, "
+             f"torch {torch.__version__}.", ""]
+    for section, rows in ROWS.items():
+        lines += [f"## {section}", "", "| case | expected | observed | ok |", "|---|---|---|---|"]
+        lines += [f"| {c} | {e} | {o.replace('|', '/')} | {'yes' if ok else '**NO**'} |" for c, e, o, ok in rows]
+        lines.append("")
+    if FIGURES:
+        lines += ["## Figures", "", "| figure | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in FIGURES.items()]
+        lines.append("")
+    REPORT.parent.mkdir(exist_ok=True)
+    REPORT.write_text("\n".join(lines))
+
+
+@pytest.fixture(scope="module")
+def default_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An archive with the shipped defaults (batch size 1), as users serve it."""
+    store = tmp_path_factory.mktemp("rel") / "model_store"
+    store.mkdir()
+    run_build(output_dir=store)
+    return store
+
+
+@pytest.fixture(scope="module")
+def live(default_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = start_server(default_store, tmp_path_factory.mktemp("live"))
+    yield srv
+    stop_server(srv)
+
+
+@pytest.fixture(scope="module")
+def offline(default_store: Path) -> LoadedArchive:
+    return load_archive(default_store / "melanoma.mar")
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Bad and unusual inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def _png(img: Image.Image) -> bytes:
+    return encode(img, "PNG")
+
+
+def _palette_with_transparency() -> bytes:
+    p = Image.fromarray(lesion_rgb(seed=7)).convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
+    buf = io.BytesIO()
+    p.save(buf, format="PNG", transparency=0)
+    return buf.getvalue()
+
+
+def _animated_gif() -> bytes:
+    frames = [Image.fromarray(lesion_rgb(seed=s)).convert("P") for s in (8, 9, 10)]
+    return encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+
+
+def _multipage_tiff() -> bytes:
+    frames = [Image.fromarray(lesion_rgb(seed=s)) for s in (11, 12)]
+    return encode(frames[0], "TIFF", save_all=True, append_images=frames[1:])
+
+
+RGB = lesion_rgb(seed=5)
+INPUTS: dict[str, tuple[bytes, str, int]] = {  # name: (body, content type, expected status)
+    "empty body": (b"", "application/octet-stream", 400),
+    "random bytes": (np.random.default_rng(1).bytes(20000), "application/octet-stream", 415),
+    "text body": (b"a lesion on the left arm", "text/plain", 415),
+    "JSON without image": (json.dumps({"patient": 1}).encode(), "application/json", 400),
+    "HTML body": (b"<html><body><img src=x></body></html>", "text/html", 415),
+    "SVG body": (b'<svg xmlns="http://www.w3.org/2000/svg"><circle r="4"/></svg>', "image/svg+xml", 415),
+    "truncated JPEG": (encode(RGB)[:3000], "image/jpeg", 400),
+    "PNG declaring 40000x40000 (bomb)": (png_header_only(40000, 40000), "image/png", 413),
+    "JSON with invalid base64": (b'{"image": "%%%not base64%%%"}', "application/json", 400),
+    "1x1 image": (_png(Image.new("RGB", (1, 1), (120, 80, 60))), "image/png", 200),
+    "16-bit PNG": (_png(Image.fromarray(np.asarray(Image.fromarray(RGB).convert("L")).astype(np.uint16) * 257)),
+                   "image/png", 200),
+    "CMYK JPEG": (encode(Image.fromarray(RGB).convert("CMYK"), "JPEG"), "image/jpeg", 200),
+    "palette PNG with transparency": (_palette_with_transparency(), "image/png", 200),
+    "animated GIF": (_animated_gif(), "image/gif", 200),
+    "multi-page TIFF": (_multipage_tiff(), "image/tiff", 200),
+    "WebP": (encode(RGB, "WEBP", quality=90), "image/webp", 200),
+    "EXIF orientation 3": (jpeg_with_orientation(RGB, 3), "image/jpeg", 200),
+    "EXIF orientation 6": (jpeg_with_orientation(RGB, 6), "image/jpeg", 200),
+    "EXIF orientation 8": (jpeg_with_orientation(RGB, 8), "image/jpeg", 200),
+}
+
+
+@pytest.mark.parametrize("name", list(INPUTS))
+def test_input(name: str, live: Server, offline: LoadedArchive) -> None:
+    body, ctype, status = INPUTS[name]
+    r = requests.post(f"{live.url}/predictions/melanoma", data=body,
+                      headers={**live.headers(), "Content-Type": ctype}, timeout=60)
+    ok = r.status_code == status
+    if status == 200:
+        got, want = r.json().get("probability"), offline.score(body)["probability"]
+        ok = ok and abs(got - want) <= 1e-4
+        observed = f"200, p={got:.4f} (in-process {want:.4f})"
+    else:
+        msg = r.json().get("error", "")
+        ok = ok and r.json().get("code") == status and len(msg) > 10
+        observed = f"{r.status_code}: {msg}"
+    record("Inputs", name, f"{status}" + (" with the in-process score" if status == 200 else " + JSON message"),
+           observed, ok)
+    assert ok, observed
+
+
+def test_multipart_without_file_field(live: Server) -> None:
+    r = requests.post(f"{live.url}/predictions/melanoma", files={"photo": ("x.jpg", encode(RGB))},
+                      headers=live.headers(), timeout=60)
+    ok = r.status_code == 400 and "no image" in r.json()["error"]
+    record("Inputs", "multipart without a data/file field", "400 + JSON message",
+           f"{r.status_code}: {r.json().get('error')}", ok)
+    assert ok
+
+
+def test_body_over_max_request_size(live: Server) -> None:
+    limit = int(live.props["max_request_size"])
+    r = requests.post(f"{live.url}/predictions/melanoma", data=b"\xff\xd8" + b"\0" * limit,
+                      headers={**live.headers(), "Content-Type": "image/jpeg"}, timeout=60)
+    # TorchServe's frontend answers this before any handler runs, with an empty body: the client
+    # turns the status into a message (see client/tsclient.py server_message).
+    ok = r.status_code == 413
+    record("Inputs", f"body over max_request_size ({limit / 2**20:.0f} MiB)",
+           "413 (from TorchServe's frontend, before the handler)",
+           f"{r.status_code}, body {r.text[:80]!r}", ok)
+    assert ok
+
+
+def test_healthy_after_bad_inputs(live: Server) -> None:
+    r = requests.get(f"{live.url}/ping", headers=live.headers(), timeout=10)
+    inits = live.log().count("melanoma model")
+    ok = r.status_code == 200 and r.json()["status"] == "Healthy" and inits == 1
+    record("Inputs", "server after all of the above", "/ping Healthy, worker never restarted",
+           f"/ping {r.status_code} {r.json().get('status')}, worker initialised {inits} time(s)", ok)
+    assert ok
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Load: a bounded soak
+# ---------------------------------------------------------------------------------------------
+
+
+def rss_mib(pid: int) -> float:
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
+def test_soak(live: Server) -> None:
+    images = [encode(lesion_rgb(seed=60 + s)) for s in range(4)]
+    single = [live.predict(d).json()["probability"] for d in images]
+    duration, clients = 60.0, 8
+    (worker,) = worker_pids(live)
+    results: list[tuple[int, int, float | None]] = []
+    lock = threading.Lock()
+    rss_warm: list[float] = []
+
+    def client(c: int) -> None:
+        s = requests.Session()
+        h = {**live.headers(), "Content-Type": "application/octet-stream"}
+        end = time.monotonic() + duration
+        i = c
+        while time.monotonic() < end:
+            k = i % len(images)
+            try:
+                r = s.post(f"{live.url}/predictions/melanoma", data=images[k], headers=h, timeout=120)
+                p = r.json().get("probability") if r.status_code == 200 else None
+                status = r.status_code
+            except requests.RequestException:
+                status, p = 0, None
+            with lock:
+                results.append((k, status, p))
+            i += 1
+
+    def warm_sample() -> None:
+        time.sleep(10)
+        rss_warm.append(rss_mib(worker))
+
+    t = threading.Thread(target=warm_sample)
+    t.start()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client, range(clients)))
+    t.join()
+    rss_end = rss_mib(worker)
+    failed = sum(1 for _, st, _ in results if st != 200)
+    worst = max(abs(p - single[k]) for k, st, p in results if st == 200)
+    growth = rss_end / rss_warm[0] - 1
+    FIGURES["soak: clients x duration"] = f"{clients} x {duration:.0f} s"
+    FIGURES["soak: responses, failed"] = f"{len(results)}, {failed}"
+    FIGURES["soak: throughput"] = f"{len(results) / duration:.2f} img/s"
+    FIGURES["soak: max abs(p - single-request p)"] = f"{worst:.2e}"
+    FIGURES["soak: worker RSS after warm-up -> end"] = f"{rss_warm[0]:.0f} -> {rss_end:.0f} MiB ({100 * growth:+.1f} %)"
+    ok = failed == 0 and worst <= 1e-6 and growth <= 0.10 and worker_pids(live) == [worker]
+    record("Load", f"{clients} clients for {duration:.0f} s", "no failed or lost response; each equals the "
+           "single-request score; worker RSS grows <= 10 %",
+           f"{len(results)} responses, {failed} failed, max |dp| {worst:.1e}, RSS {100 * growth:+.1f} %", ok)
+    assert ok
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Faults
+# ---------------------------------------------------------------------------------------------
+
+
+def test_worker_killed_during_load(live: Server) -> None:
+    images = [encode(lesion_rgb(seed=70 + s)) for s in range(24)]
+    client = Client(live.url, token=live.keys()["inference"], retries=8, backoff=0.5, timeout=120,
+                    key_file=live.key_file, management_url=live.management)
+    (worker,) = worker_pids(live)
+    inflight: dict[str, float] = {}
+
+    def probe() -> None:  # one raw request in flight when the worker dies: how fast does it fail?
+        t = time.monotonic()
+        try:
+            r = requests.post(f"{live.url}/predictions/melanoma", data=images[0],
+                              headers={**live.headers(), "Content-Type": "image/jpeg"}, timeout=120)
+            inflight["status"] = r.status_code
+        except requests.RequestException:
+            inflight["status"] = 0
+        inflight["seconds"] = time.monotonic() - t
+
+    with ThreadPoolExecutor(5) as pool:
+        futures = [pool.submit(client.predict_bytes, d) for d in images]
+        time.sleep(1.5)
+        p = pool.submit(probe)
+        time.sleep(0.3)
+        killed_at = time.monotonic()
+        os.kill(worker, signal.SIGKILL)
+        results = [f.result() for f in futures]
+        p.result()
+    # recovery: until a new worker answers a plain request
+    while live.predict(images[1]).status_code != 200:
+        time.sleep(0.2)
+    recovered = time.monotonic() - killed_at
+    new = worker_pids(live)
+    FIGURES["worker kill -9: time to a new READY worker"] = f"{recovered:.1f} s"
+    FIGURES["worker kill -9: in-flight request"] = f"HTTP {inflight['status']} after {inflight['seconds']:.1f} s"
+    ok = len(results) == 24 and all(0 < r["probability"] < 1 for r in results) and new and new != [worker] \
+        and inflight["seconds"] < 30
+    record("Faults", "kill -9 of the worker during load (24 images, 5 in flight)",
+           "TorchServe restarts it; in-flight requests fail fast; client retries score every image",
+           f"all {len(results)} scored; new worker pid; in-flight request answered HTTP {inflight['status']} in "
+           f"{inflight['seconds']:.1f} s; recovered in {recovered:.1f} s", ok)
+    assert ok
+
+
+def test_server_restart_mid_run(default_store: Path, tmp_path: Path) -> None:
+    srv = start_server(default_store, tmp_path / "ts")
+    images = [encode(lesion_rgb(seed=80 + s)) for s in range(12)]
+    client = Client(srv.url, token=srv.keys()["inference"], retries=8, backoff=1.0, timeout=120,
+                    key_file=srv.key_file, management_url=srv.management)
+    restarted: list[Server] = []
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            futures = [pool.submit(client.predict_bytes, d) for d in images]
+            time.sleep(2)
+            t = time.monotonic()
+            stop_server(srv)
+            restarted.append(start_server(default_store, srv.workdir, props=srv.props))
+            downtime = time.monotonic() - t
+            results = [f.result() for f in futures]
+    finally:
+        for s in restarted or [srv]:
+            stop_server(s)
+    FIGURES["server stop + start: downtime"] = f"{downtime:.1f} s"
+    ok = len(results) == 12 and all(0 < r["probability"] < 1 for r in results)
+    record("Faults", "server stopped and started mid-run (new keys)",
+           "client retries and re-reads the key file; every image scored",
+           f"all {len(results)} scored across {downtime:.1f} s of downtime", ok)
+    assert ok
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Access
+# ---------------------------------------------------------------------------------------------
+
+
+def test_access(live: Server) -> None:
+    data = encode(RGB)
+    pred, mgmt = f"{live.url}/predictions/melanoma", f"{live.management}/models"
+    keys = live.keys()
+    cases = [
+        ("inference, no key", requests.post(pred, data=data, timeout=30)),
+        ("inference, wrong key", requests.post(pred, data=data, timeout=30,
+                                               headers={"Authorization": "Bearer abcdefgh"})),
+        ("inference, management key", requests.post(pred, data=data, timeout=30,
+                                                    headers={"Authorization": f"Bearer {keys['management']}"})),
+        ("management, no key", requests.get(mgmt, timeout=30)),
+        ("management, wrong key", requests.get(mgmt, timeout=30, headers={"Authorization": "Bearer abcdefgh"})),
+        ("management, inference key", requests.get(mgmt, timeout=30,
+                                                   headers={"Authorization": f"Bearer {keys['inference']}"})),
+    ]
+    for name, r in cases:
+        ok = r.status_code in (400, 401, 403) and "InvalidKeyException" in r.text
+        record("Access", name, "refused (InvalidKeyException)", f"{r.status_code} {r.json().get('type')}", ok)
+        assert ok, name
+
+    h = {"Authorization": f"Bearer {keys['management']}"}
+    for url in ("https://example.invalid/evil.mar", "file:///etc/passwd"):
+        r = requests.post(f"{mgmt}?url={url}", headers=h, timeout=30)
+        ok = r.status_code >= 400
+        record("Access", f"register a model from {url}", "refused (model API off)",
+               f"{r.status_code} {r.json().get('message', '')[:80]}", ok)
+        assert ok
+
+    pids = [live.proc.pid, *[p.pid for p in psutil.Process(live.proc.pid).children(recursive=True)]]
+    listening = sorted({f"{c.laddr.ip}:{c.laddr.port}" for c in psutil.net_connections("inet")
+                        if c.status == psutil.CONN_LISTEN and c.pid in pids})
+    ok = bool(listening) and all(a.startswith("127.") for a in listening)
+    record("Access", "listening sockets with the shipped config", "loopback only", ", ".join(listening), ok)
+    assert ok
+
+
+def test_no_key_in_logs(live: Server) -> None:
+    keys = list(live.keys().values())
+    text = "".join(p.read_text(errors="replace") for p in (live.workdir / "logs").glob("*.log"))
+    text += (live.workdir / "torchserve.out").read_text(errors="replace")
+    leaked = [k for k in keys if k in text]
+    record("Access", "keys in the server's logs", "none", f"{len(leaked)} of {len(keys)} keys found", not leaked)
+    assert not leaked
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Unsafe checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+class _Exploit:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_unsafe_checkpoint_is_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "code-ran"
+    torch.save({"state_dict": {"fc.weight": torch.zeros(1, 2048)}, "x": _Exploit(str(marker))}, tmp_path / "x.ckpt")
+    store = tmp_path / "store"
+    store.mkdir()
+    proc = run_build(str(tmp_path / "x.ckpt"), output_dir=store, check=False)
+    ok = proc.returncode != 0 and "--trust-checkpoint" in proc.stderr and not marker.exists() \
+        and not list(store.iterdir())
+    record("Unsafe checkpoints", "a .ckpt whose pickle creates a file", "build refused, file not created",
+           f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1][:120]}; file created: {marker.exists()}", ok)
+    assert ok
+
+
+def test_json_base64_large_image(live: Server, offline: LoadedArchive) -> None:
+    """A full-size phone photo as base64 JSON (a third bigger than raw) still fits the request limit."""
+    data = encode(np.asarray(Image.fromarray(RGB).resize((3000, 2250))), "JPEG", quality=90)
+    r = requests.post(f"{live.url}/predictions/melanoma", json={"image": base64.b64encode(data).decode()},
+                      headers=live.headers(), timeout=60)
+    ok = r.status_code == 200 and abs(r.json()["probability"] - offline.score(data)["probability"]) <= 1e-4
+    record("Inputs", f"JSON base64 of a {len(data) / 1e6:.1f} MB photo", "200 with the in-process score",
+           f"{r.status_code}", ok)
+    assert ok
+
