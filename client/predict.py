@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         print("predict: error: no image files found in the given paths", file=sys.stderr)
         return 2
     if args.offline:
-        scorer: Any = OfflineScorer(args.offline)
+        scorer: Any = OfflineScorer.from_path(args.offline)
         workers = 1  # one process-wide model: more threads would only contend for the same cores
     else:
         token = resolve_token(args.token, args.key_file)

@@ -288,19 +288,25 @@ def server_message(r: requests.Response) -> str:
     return f"HTTP {r.status_code}: {r.text.strip()[:300] or r.reason}"
 
 
+def _import_pipeline() -> Any:
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import handler.pipeline as pipeline
+
+    return pipeline
+
+
 class OfflineScorer:
     """Scores in-process through handler/pipeline.py with the model from a .mar: the same code the
     server runs, for checking a deployment without one."""
 
-    def __init__(self, archive: str, threads: int | None = None) -> None:
-        import sys
+    def __init__(self, loaded: Any) -> None:
+        self.archive = loaded
+        self._input_error = _import_pipeline().InputError
 
-        if str(ROOT) not in sys.path:
-            sys.path.insert(0, str(ROOT))
-        from handler.pipeline import InputError, load_archive
-
-        self._input_error = InputError
-        self.archive = load_archive(archive, threads=threads)
+    @classmethod
+    def from_path(cls, archive: str, threads: int | None = None) -> OfflineScorer:
+        return cls(_import_pipeline().load_archive(archive, threads=threads))
 
     def predict_file(self, path: Path) -> dict[str, Any]:
         try:

@@ -1,0 +1,329 @@
+#!/usr/bin/env python3
+"""Evaluate a deployment on ISIC-format labelled images: AUC and clinical operating points.
+
+    python client/evaluate.py --labels train.csv --images jpeg/ [--url http://127.0.0.1:8080]
+    python client/evaluate.py --labels train.csv --images jpeg/ --offline model_store/melanoma.mar
+    python client/evaluate.py --labels train.csv --images jpeg/ --compare model_store/melanoma.mar
+
+Label files: SIIM-ISIC 2020 train.csv (image_name, target) or ISIC 2019 ground truth (image, MEL).
+Writes OUT/scores.csv (image, target, probability; resumable), OUT/summary.json and OUT/roc.png.
+The demo model's AUC means nothing: it is untrained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import metrics  # noqa: E402
+from tsclient import (  # noqa: E402
+    DEFAULT_URL,
+    IMAGE_SUFFIXES,
+    AuthError,
+    Client,
+    ClientError,
+    OfflineScorer,
+    default_management_url,
+    find_key_file,
+    resolve_token,
+)
+
+
+class LabelError(Exception):
+    pass
+
+
+def read_labels(path: Path) -> dict[str, int]:
+    """image name -> 1 (melanoma) / 0, from either ISIC format; other columns are ignored."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise LabelError(f"cannot read label file {path}: {e}") from None
+    if not rows:
+        raise LabelError(f"label file {path} has no rows")
+    cols = set(rows[0])
+    if {"image_name", "target"} <= cols:
+        name_col, target_col = "image_name", "target"
+    elif {"image", "MEL"} <= cols:
+        name_col, target_col = "image", "MEL"
+    else:
+        raise LabelError(f"label file {path}: expected columns image_name,target (SIIM-ISIC 2020) or "
+                         f"image,MEL (ISIC 2019); found {', '.join(sorted(cols))}")
+    labels: dict[str, int] = {}
+    bad = []
+    for i, row in enumerate(rows, start=2):
+        try:
+            value = float(row[target_col])
+            if value not in (0.0, 1.0):
+                raise ValueError
+            labels[row[name_col].strip()] = int(value)
+        except (TypeError, ValueError):
+            bad.append(f"line {i}")
+    if bad:
+        raise LabelError(f"label file {path}: {len(bad)} row(s) with a {target_col} other than 0/1 "
+                         f"({', '.join(bad[:5])})")
+    return labels
+
+
+def find_images(folder: Path, names: list[str]) -> tuple[dict[str, Path], list[str]]:
+    """Match label names to files by stem, any common extension, anywhere under `folder`."""
+    by_stem: dict[str, Path] = {}
+    for f in folder.rglob("*"):
+        if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
+            by_stem.setdefault(f.stem, f)
+    found = {n: by_stem[Path(n).stem] for n in names if Path(n).stem in by_stem}
+    return found, [n for n in names if n not in found]
+
+
+def load_done(csv_path: Path) -> dict[str, float]:
+    if not csv_path.exists():
+        return {}
+    with open(csv_path, newline="") as f:
+        return {r["image"]: float(r["probability"]) for r in csv.DictReader(f) if r.get("probability")}
+
+
+def make_scorer(args: argparse.Namespace, target: str | None = None) -> Any:
+    if target:
+        return offline_scorer(target)
+    token = resolve_token(args.token, args.key_file)
+    from_file = args.key_file or not (args.token or os.environ.get("TS_TOKEN"))
+    return Client(args.url, args.model, token, args.timeout, args.retries,
+                  key_file=find_key_file(args.key_file) if from_file else None,
+                  management_url=args.management_url or default_management_url(args.url),
+                  cacert=args.cacert, insecure_http=args.insecure_http)
+
+
+def offline_scorer(target: str) -> OfflineScorer:
+    """A .mar or archive folder through the pipeline; a checkpoint is exported exactly as build_mar.sh does."""
+    p = Path(target)
+    if p.suffix == ".mar" or p.is_dir():
+        return OfflineScorer.from_path(str(p))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import io
+
+    import torch
+
+    from exporter.checkpoint import CheckpointError, load_checkpoint
+    from exporter.export import export_torchscript
+    from handler.pipeline import LoadedArchive, PipelineConfig, Scorer, load_model
+
+    cfg = PipelineConfig()
+    try:
+        ckpt = load_checkpoint(p)
+    except CheckpointError as e:
+        raise ClientError(str(e)) from None
+    buf = io.BytesIO()
+    torch.jit.save(export_torchscript(ckpt, cfg.image_size), buf)
+    meta = {"name": "melanoma", "version": "offline", "weights_sha256": ckpt.sha256, "demo": False}
+    return OfflineScorer(LoadedArchive(Scorer(load_model(buf.getvalue()), cfg), cfg, meta))
+
+
+def score_all(scorer: Any, images: dict[str, Path], done: dict[str, float], out_csv: Path, workers: int,
+              progress: bool) -> tuple[dict[str, float], dict[str, str], dict[str, Any]]:
+    """Score what is not in `done`, appending each result to the CSV as it arrives (resumable)."""
+    todo = [n for n in images if n not in done]
+    scores = dict(done)
+    failed: dict[str, str] = {}
+    info: dict[str, Any] = {}
+    new_file = not out_csv.exists()
+    lock = threading.Lock()
+    with open(out_csv, "a", newline="") as f, ThreadPoolExecutor(max(1, workers)) as pool:
+        w = csv.writer(f)
+        if new_file:
+            w.writerow(["image", "target", "probability"])
+        futures = {pool.submit(scorer.predict_file, images[n]): n for n in todo}
+        for i, fut in enumerate(as_completed(futures), start=1):
+            name = futures[fut]
+            try:
+                res = fut.result()
+            except AuthError:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+            except ClientError as e:
+                failed[name] = str(e)
+                continue
+            finally:
+                if progress:
+                    print(f"\r  scored {i}/{len(todo)}", end="", file=sys.stderr, flush=True)
+            with lock:
+                scores[name] = res["probability"]
+                info = {"threshold": res["threshold"], "model": res.get("model", {}), "tta_views": res["tta_views"]}
+                w.writerow([name, "", f"{res['probability']:.10f}"])
+                f.flush()
+    if progress and todo:
+        print(file=sys.stderr)
+    return scores, failed, info
+
+
+def summarize(labels: dict[str, int], scores: dict[str, float], threshold: float) -> dict[str, Any]:
+    names = [n for n in labels if n in scores]
+    y = np.array([labels[n] for n in names])
+    p = np.array([scores[n] for n in names])
+    out: dict[str, Any] = {"scored": len(names), "positives": int(y.sum()), "negatives": int(len(y) - y.sum())}
+    if y.all() or not y.any():
+        out["error"] = "AUC needs both melanomas and benign lesions among the scored images"
+        return out
+    sens, spec = metrics.sens_spec(y, p, threshold)
+    lo, hi = metrics.bootstrap_auc_ci(y, p)
+    out.update({
+        "auc": metrics.auc(y, p), "auc_95ci": [lo, hi],
+        "partial_auc_above_80_tpr": metrics.partial_auc_above_tpr(y, p, 0.8),
+        "threshold": threshold, "sensitivity_at_threshold": sens, "specificity_at_threshold": spec,
+    })
+    for target in (0.95, 0.90):
+        t, s, sp = metrics.threshold_for_sensitivity(y, p, target)
+        out[f"threshold_for_{int(target * 100)}_sensitivity"] = {"threshold": t, "sensitivity": s,
+                                                                 "specificity": sp}
+    return out
+
+
+def roc_png(labels: dict[str, int], scores: dict[str, float], path: Path, title: str) -> None:
+    """The ROC curve drawn with Pillow (no plotting library needed on the server)."""
+    from PIL import Image, ImageDraw
+
+    names = [n for n in labels if n in scores]
+    y = np.array([labels[n] for n in names])
+    p = np.array([scores[n] for n in names])
+    size, m = 480, 50
+    img = Image.new("RGB", (size, size), "white")
+    d = ImageDraw.Draw(img)
+
+    def xy(fx: float, ty: float) -> tuple[float, float]:
+        return m + fx * (size - 2 * m), size - m - ty * (size - 2 * m)
+
+    d.rectangle([xy(0, 1), xy(1, 0)], outline="black")
+    d.line([xy(0, 0), xy(1, 1)], fill=(180, 180, 180))
+    d.line([xy(0, 0.8), xy(1, 0.8)], fill=(230, 200, 200))
+    if y.any() and not y.all():
+        r = metrics.roc_curve(y, p)
+        d.line([xy(f, t) for f, t in zip(r.fpr, r.tpr, strict=True)], fill=(200, 30, 30), width=3)
+    d.text((m, 15), title, fill="black")
+    d.text((size / 2 - 60, size - 30), "false positive rate", fill="black")
+    d.text((8, m - 20), "sensitivity (TPR)", fill="black")
+    img.save(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--labels", required=True, help="SIIM-ISIC 2020 train.csv or ISIC 2019 ground-truth CSV")
+    ap.add_argument("--images", required=True, help="folder holding the images (searched recursively)")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--offline", metavar="ARCHIVE_OR_CHECKPOINT", help="score in-process, no server")
+    mode.add_argument("--compare", metavar="ARCHIVE_OR_CHECKPOINT",
+                      help="score served and offline; report the largest |dp|")
+    ap.add_argument("--out", default="evaluation", help="output folder (default ./evaluation)")
+    ap.add_argument("--url", default=DEFAULT_URL)
+    ap.add_argument("--model", default="melanoma")
+    ap.add_argument("--token")
+    ap.add_argument("--key-file")
+    ap.add_argument("--management-url")
+    ap.add_argument("--cacert")
+    ap.add_argument("--insecure-http", action="store_true")
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--timeout", type=float, default=60.0)
+    ap.add_argument("--retries", type=int, default=4)
+    ap.add_argument("--threshold", type=float, help="operating point to report (default: the archive's)")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+
+    try:
+        labels = read_labels(Path(args.labels))
+    except LabelError as e:
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        return 2
+    folder = Path(args.images)
+    if not folder.is_dir():
+        print(f"evaluate: error: image folder {folder} does not exist", file=sys.stderr)
+        return 2
+    images, missing = find_images(folder, list(labels))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    progress = not args.no_progress and sys.stderr.isatty()
+    try:
+        served_scorer = make_scorer(args, args.offline)
+        csv_path = out / "scores.csv"
+        scores, failed, info = score_all(served_scorer, images, load_done(csv_path), csv_path,
+                                         1 if args.offline else args.workers, progress)
+        compare = None
+        if args.compare:
+            off_scores, off_failed, _ = score_all(offline_scorer(args.compare), images, load_done(out / "offline.csv"),
+                                                  out / "offline.csv", 1, progress)
+            common = [n for n in scores if n in off_scores]
+            deltas = [abs(scores[n] - off_scores[n]) for n in common]
+            compare = {"images": len(common), "max_abs_delta": max(deltas) if deltas else None,
+                       "mean_abs_delta": float(np.mean(deltas)) if deltas else None}
+    except AuthError as e:
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        return 1
+    except ClientError as e:
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        return 2
+
+    # Rewrite the CSV with targets, in label order (the appended file only held what arrived).
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "target", "probability"])
+        for n in labels:
+            if n in scores:
+                w.writerow([n, labels[n], f"{scores[n]:.10f}"])
+    threshold = args.threshold if args.threshold is not None else info.get("threshold", 0.5)
+    summary = summarize(labels, scores, threshold)
+    summary.update({
+        "labels": len(labels), "missing_images": len(missing), "missing_names": missing[:50],
+        "unreadable_images": len(failed), "unreadable": dict(list(failed.items())[:50]),
+        "model": info.get("model"), "tta_views": info.get("tta_views"),
+        "mode": "offline" if args.offline else "served",
+    })
+    if compare:
+        summary["compare"] = compare
+    demo = bool((info.get("model") or {}).get("demo"))
+    if demo:
+        summary["warning"] = "DEMO MODEL: untrained; this AUC means nothing"
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    roc_png(labels, scores, out / "roc.png", f"ROC, AUC {summary.get('auc', float('nan')):.4f}"
+            + ("  (DEMO MODEL: meaningless)" if demo else ""))
+    print_report(summary, out)
+    return 0
+
+
+def print_report(s: dict[str, Any], out: Path) -> None:
+    print(f"labels {s['labels']}, scored {s['scored']} ({s['positives']} melanoma, {s['negatives']} benign), "
+          f"missing {s['missing_images']}, unreadable {s['unreadable_images']}")
+    if s["missing_images"]:
+        print(f"  missing: {', '.join(s['missing_names'][:10])}{' …' if s['missing_images'] > 10 else ''}")
+    for name, err in list(s["unreadable"].items())[:10]:
+        print(f"  unreadable: {name}: {err}")
+    if "auc" in s:
+        lo, hi = s["auc_95ci"]
+        print(f"ROC AUC {s['auc']:.4f} (95% CI {lo:.4f}-{hi:.4f}); partial AUC above 80% TPR "
+              f"{s['partial_auc_above_80_tpr']:.4f} (max 0.2)")
+        print(f"at threshold {s['threshold']:.4f}: sensitivity {s['sensitivity_at_threshold']:.3f}, "
+              f"specificity {s['specificity_at_threshold']:.3f}")
+        for k in ("95", "90"):
+            t = s[f"threshold_for_{k}_sensitivity"]
+            print(f"threshold for >= {k}% sensitivity: {t['threshold']:.4f} (sensitivity {t['sensitivity']:.3f}, "
+                  f"specificity {t['specificity']:.3f}); bake it in: ./build_mar.sh CKPT --threshold "
+                  f"{t['threshold']:.4f} --force")
+    else:
+        print(s.get("error", ""))
+    if "compare" in s:
+        c = s["compare"]
+        print(f"served vs offline on {c['images']} images: max |dp| {c['max_abs_delta']:.2e}")
+    if s.get("warning"):
+        print(f"WARNING: {s['warning']}")
+    print(f"wrote {out / 'scores.csv'}, {out / 'summary.json'}, {out / 'roc.png'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
