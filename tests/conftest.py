@@ -12,11 +12,11 @@ from harness import Server, run_build, start_server, stop_server
 
 @pytest.fixture(scope="session")
 def demo_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model store holding the demo archive. maxBatchDelay is long enough for concurrent
-    requests in the tests to be batched together by TorchServe."""
+    """A model store holding the demo archive, with batchSize 4 and a maxBatchDelay long enough for
+    concurrent requests in the tests to be batched together by TorchServe (the shipped default is 1)."""
     store = tmp_path_factory.mktemp("demo") / "model_store"
     store.mkdir()
-    run_build("--max-batch-delay", "300", output_dir=store)
+    run_build("--batch-size", "4", "--max-batch-delay", "300", output_dir=store)
     return store
 
 
