@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -27,15 +26,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import metrics  # noqa: E402
 from tsclient import (  # noqa: E402
-    DEFAULT_URL,
     IMAGE_SUFFIXES,
     AuthError,
-    Client,
     ClientError,
     OfflineScorer,
-    default_management_url,
-    find_key_file,
-    resolve_token,
+    add_server_args,
+    client_from_args,
 )
 
 
@@ -96,12 +92,7 @@ def load_done(csv_path: Path) -> dict[str, float]:
 def make_scorer(args: argparse.Namespace, target: str | None = None) -> Any:
     if target:
         return offline_scorer(target)
-    token = resolve_token(args.token, args.key_file)
-    from_file = args.key_file or not (args.token or os.environ.get("TS_TOKEN"))
-    return Client(args.url, args.model, token, args.timeout, args.retries,
-                  key_file=find_key_file(args.key_file) if from_file else None,
-                  management_url=args.management_url or default_management_url(args.url),
-                  cacert=args.cacert, insecure_http=args.insecure_http)
+    return client_from_args(args)
 
 
 def offline_scorer(target: str) -> OfflineScorer:
@@ -223,16 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--compare", metavar="ARCHIVE_OR_CHECKPOINT",
                       help="score served and offline; report the largest |dp|")
     ap.add_argument("--out", default="evaluation", help="output folder (default ./evaluation)")
-    ap.add_argument("--url", default=DEFAULT_URL)
-    ap.add_argument("--model", default="melanoma")
-    ap.add_argument("--token")
-    ap.add_argument("--key-file")
-    ap.add_argument("--management-url")
-    ap.add_argument("--cacert")
-    ap.add_argument("--insecure-http", action="store_true")
-    ap.add_argument("--workers", type=int, default=4)
-    ap.add_argument("--timeout", type=float, default=60.0)
-    ap.add_argument("--retries", type=int, default=4)
+    add_server_args(ap)
     ap.add_argument("--threshold", type=float, help="operating point to report (default: the archive's)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,15 +19,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tsclient import (  # noqa: E402
-    DEFAULT_URL,
     AuthError,
-    Client,
     ClientError,
     OfflineScorer,
-    default_management_url,
-    find_key_file,
+    add_server_args,
+    client_from_args,
     iter_images,
-    resolve_token,
 )
 
 
@@ -38,19 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     out = ap.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="one JSON object per line (the full response)")
     out.add_argument("--csv", action="store_true", help="CSV: path,probability,label,threshold,error")
-    ap.add_argument("--url", default=DEFAULT_URL, help=f"inference address (default {DEFAULT_URL})")
-    ap.add_argument("--model", default="melanoma", help="model name (default melanoma)")
-    ap.add_argument("--token", help="inference key (default: $TS_TOKEN, else key_file.json)")
-    ap.add_argument("--key-file", help="TorchServe's key_file.json (default: ./key_file.json, then the repo's)")
-    ap.add_argument("--management-url",
-                    help="management address, to rotate an expired key with the API key from the key file "
-                    "(default: port 8081 on the same host when --url is loopback http)")
-    ap.add_argument("--cacert", help="CA bundle to verify an https:// server (for a private CA)")
-    ap.add_argument("--insecure-http", action="store_true",
-                    help="allow sending the key over plain http:// to a non-loopback host")
-    ap.add_argument("--workers", type=int, default=4, help="images in flight at once (default 4)")
-    ap.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
-    ap.add_argument("--retries", type=int, default=4, help="retries on 503 and connection errors (default 4)")
+    add_server_args(ap)
     ap.add_argument("--offline", metavar="ARCHIVE",
                     help="score in-process with this .mar through the same pipeline, no server")
     return ap.parse_args(argv)
@@ -66,14 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         scorer: Any = OfflineScorer.from_path(args.offline)
         workers = 1  # one process-wide model: more threads would only contend for the same cores
     else:
-        token = resolve_token(args.token, args.key_file)
-        # Renewal reads the key file: the one named, or the one the key came from.
-        from_file = args.key_file or not (args.token or os.environ.get("TS_TOKEN"))
         try:
-            scorer = Client(args.url, args.model, token, args.timeout, args.retries,
-                            key_file=find_key_file(args.key_file) if from_file else None,
-                            management_url=args.management_url or default_management_url(args.url),
-                            cacert=args.cacert, insecure_http=args.insecure_http)
+            scorer = client_from_args(args)
         except ClientError as e:
             print(f"predict: error: {e}", file=sys.stderr)
             return 2

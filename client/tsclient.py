@@ -5,6 +5,7 @@ Only `requests` is needed to talk to a server; torch is imported only for offlin
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import json
 import os
@@ -94,6 +95,33 @@ def wait_ready(management_url: str, key_file: Path, model: str = "melanoma", tim
             return True
         time.sleep(0.5)
     return False
+
+
+def add_server_args(ap: argparse.ArgumentParser) -> None:
+    """The options every tool that calls the endpoint takes."""
+    ap.add_argument("--url", default=DEFAULT_URL, help=f"inference address (default {DEFAULT_URL})")
+    ap.add_argument("--model", default="melanoma", help="model name (default melanoma)")
+    ap.add_argument("--token", help="inference key (default: $TS_TOKEN, else key_file.json)")
+    ap.add_argument("--key-file", help="TorchServe's key_file.json (default: ./key_file.json, then the repo's)")
+    ap.add_argument("--management-url",
+                    help="management address, to rotate an expired key with the API key from the key file "
+                    "(default: port 8081 on the same host when --url is loopback http)")
+    ap.add_argument("--cacert", help="CA bundle to verify an https:// server (for a private CA)")
+    ap.add_argument("--insecure-http", action="store_true",
+                    help="allow sending the key over plain http:// to a non-loopback host")
+    ap.add_argument("--workers", type=int, default=4, help="images in flight at once (default 4)")
+    ap.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
+    ap.add_argument("--retries", type=int, default=4, help="retries on 503 and connection errors (default 4)")
+
+
+def client_from_args(args: argparse.Namespace) -> Client:
+    token = resolve_token(args.token, args.key_file)
+    # Renewal reads the key file: the one named, or the one the key came from.
+    from_file = args.key_file or not (args.token or os.environ.get("TS_TOKEN"))
+    return Client(args.url, args.model, token, args.timeout, args.retries,
+                  key_file=find_key_file(args.key_file) if from_file else None,
+                  management_url=args.management_url or default_management_url(args.url),
+                  cacert=args.cacert, insecure_http=args.insecure_http)
 
 
 def iter_images(paths: Sequence[str]) -> Iterator[Path]:
