@@ -243,10 +243,6 @@ def torchserve_split(logs: Path) -> dict[str, float]:
             "frontend_overhead_median": statistics.median(frontend) - statistics.median(handler)}
 
 
-def explain_latency(archive: Path, repeats: int) -> dict[str, Any] | None:
-    return None  # filled in when the explanations endpoint exists
-
-
 # ---------------------------------------------------------------------------------------------
 
 
