@@ -35,6 +35,20 @@ class ClientError(Exception):
         self.status = status
 
 
+def read_properties(path: Path) -> dict[str, str]:
+    """TorchServe's config.properties as a dict (key=value lines; # comments)."""
+    props: dict[str, str] = {}
+    for line in Path(path).read_text().splitlines():
+        if "=" in line and not line.lstrip().startswith("#"):
+            k, v = line.split("=", 1)
+            props[k.strip()] = v.strip()
+    return props
+
+
+def management_address(config: Path) -> str:
+    return read_properties(config).get("management_address", "http://127.0.0.1:8081")
+
+
 def find_key_file(explicit: str | None = None) -> Path | None:
     """key_file.json is written where torchserve was started: look there, then in the repo root."""
     if explicit:

@@ -21,12 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "client"))
-from tsclient import model_ready  # noqa: E402
-
-
-def read_properties(path: Path) -> dict[str, str]:
-    return dict(line.split("=", 1) for line in path.read_text().splitlines()
-                if "=" in line and not line.lstrip().startswith("#"))
+from tsclient import management_address, model_ready  # noqa: E402
 
 
 class Checker:
@@ -86,8 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--key-file", default=str(ROOT / "key_file.json"))
     ap.add_argument("--model", default="melanoma")
     args = ap.parse_args(argv)
-    management = read_properties(Path(args.config)).get("management_address", "http://127.0.0.1:8081").strip()
-    checker = Checker(management, Path(args.key_file), args.model)
+    checker = Checker(management_address(Path(args.config)), Path(args.key_file), args.model)
     server = ThreadingHTTPServer((args.bind, args.port), make_handler(checker))
     print(f"health: http://{args.bind}:{server.server_port}/healthz", flush=True)
     try:

@@ -12,12 +12,11 @@ cd "$root"
 import sys
 sys.path.insert(0, "client")
 from pathlib import Path
-from tsclient import read_key, rotate_key
-props = dict(l.split("=", 1) for l in Path("config.properties").read_text().splitlines() if "=" in l and not l.startswith("#"))
+from tsclient import management_address, read_key, rotate_key
 api = read_key(Path("key_file.json"), "API")
 if not api:
     sys.exit("rotate_key: error: key_file.json has no API key here; run this where TorchServe was started")
-if not rotate_key(props.get("management_address", "http://127.0.0.1:8081").strip(), api, sys.argv[1]):
+if not rotate_key(management_address(Path("config.properties")), api, sys.argv[1]):
     sys.exit("rotate_key: error: TorchServe refused or did not answer; is it running (scripts/serve.sh)?")
 print(f"rotate_key: new {sys.argv[1]} key written to key_file.json (print it with scripts/token.sh)")
 PY

@@ -10,7 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "client"))
-from tsclient import wait_ready  # noqa: E402
+from tsclient import management_address, wait_ready  # noqa: E402
 
 
 def main() -> int:
@@ -20,9 +20,7 @@ def main() -> int:
     ap.add_argument("--model", default="melanoma")
     ap.add_argument("--timeout", type=float, default=180)
     args = ap.parse_args()
-    props = dict(line.split("=", 1) for line in Path(args.config).read_text().splitlines()
-                 if "=" in line and not line.lstrip().startswith("#"))
-    management = props.get("management_address", "http://127.0.0.1:8081").strip()
+    management = management_address(Path(args.config))
     return 0 if wait_ready(management, Path(args.key_file), args.model, args.timeout) else 1
 
 

@@ -17,7 +17,7 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = ROOT / ".venv" / "bin"
 sys.path.insert(0, str(ROOT / "client"))
-from tsclient import wait_ready  # noqa: E402
+from tsclient import read_properties, wait_ready  # noqa: E402
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -74,11 +74,7 @@ class Server:
 
 def server_properties(store: Path, workdir: Path, overrides: dict[str, str] | None = None) -> dict[str, str]:
     """The repo's config.properties, with free loopback ports and a private temp dir."""
-    props: dict[str, str] = {}
-    for line in (ROOT / "config.properties").read_text().splitlines():
-        if line.strip() and not line.lstrip().startswith("#") and "=" in line:
-            k, v = line.split("=", 1)
-            props[k.strip()] = v.strip()
+    props = read_properties(ROOT / "config.properties")
     inf, mgmt, met, g1, g2 = free_ports(5)
     props.update({
         "inference_address": f"http://127.0.0.1:{inf}",
