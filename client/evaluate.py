@@ -16,7 +16,6 @@ import argparse
 import csv
 import json
 import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
@@ -101,8 +100,6 @@ def offline_scorer(target: str) -> OfflineScorer:
     if p.suffix == ".mar" or p.is_dir():
         return OfflineScorer.from_path(str(p))
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import io
-
     import torch
 
     from exporter.checkpoint import CheckpointError, load_checkpoint
@@ -114,10 +111,9 @@ def offline_scorer(target: str) -> OfflineScorer:
         ckpt = load_checkpoint(p)
     except CheckpointError as e:
         raise ClientError(str(e)) from None
-    buf = io.BytesIO()
-    torch.jit.save(export_torchscript(ckpt, cfg.image_size), buf)
+    model = load_model(export_torchscript(ckpt, cfg.image_size))
     meta = {"name": "melanoma", "version": "offline", "weights_sha256": ckpt.sha256, "demo": False}
-    return OfflineScorer(LoadedArchive(Scorer(load_model(buf.getvalue()), cfg), cfg, meta))
+    return OfflineScorer(LoadedArchive(Scorer(model, cfg), cfg, meta, torch.get_num_threads()))
 
 
 def score_all(scorer: Any, images: dict[str, Path], done: dict[str, float], out_csv: Path, workers: int,
@@ -128,7 +124,6 @@ def score_all(scorer: Any, images: dict[str, Path], done: dict[str, float], out_
     failed: dict[str, str] = {}
     info: dict[str, Any] = {}
     new_file = not out_csv.exists()
-    lock = threading.Lock()
     with open(out_csv, "a", newline="") as f, ThreadPoolExecutor(max(1, workers)) as pool:
         w = csv.writer(f)
         if new_file:
@@ -147,11 +142,11 @@ def score_all(scorer: Any, images: dict[str, Path], done: dict[str, float], out_
             finally:
                 if progress:
                     print(f"\r  scored {i}/{len(todo)}", end="", file=sys.stderr, flush=True)
-            with lock:
-                scores[name] = res["probability"]
-                info = {"threshold": res["threshold"], "model": res.get("model", {}), "tta_views": res["tta_views"]}
-                w.writerow([name, "", f"{res['probability']:.10f}"])
-                f.flush()
+            # Results arrive here one at a time (as_completed): no lock needed.
+            scores[name] = res["probability"]
+            info = {"threshold": res["threshold"], "model": res.get("model", {}), "tta_views": res["tta_views"]}
+            w.writerow([name, "", f"{res['probability']:.10f}"])
+            f.flush()
     if progress and todo:
         print(file=sys.stderr)
     return scores, failed, info

@@ -20,7 +20,6 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from exporter.checkpoint import ARCHITECTURE, CheckpointError, file_sha256, load_checkpoint
@@ -114,13 +113,13 @@ def build(args: argparse.Namespace) -> Path:
     for note in ckpt.notes:
         print(f"  note: {note}", file=sys.stderr)
 
-    ts = export_torchscript(ckpt, cfg.image_size)
+    model_bytes = export_torchscript(ckpt, cfg.image_size)
     version = args.version or ("0.0-demo" if demo else "1.0")
 
     with tempfile.TemporaryDirectory(prefix="build_mar.") as tmp_s:
         tmp = Path(tmp_s)
         model_path = tmp / MODEL_FILE
-        torch.jit.save(ts, str(model_path))
+        model_path.write_bytes(model_bytes)
         meta = {
             "name": args.model_name,
             "version": version,

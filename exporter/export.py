@@ -71,9 +71,10 @@ def demo_checkpoint(image_size: int = 128) -> LoadedCheckpoint:
     return LoadedCheckpoint(model, 1, "demo", tensors_sha256(sd), ["untrained demo weights"])
 
 
-def export_torchscript(ckpt: LoadedCheckpoint, image_size: int) -> torch.jit.ScriptModule:
-    """Trace and freeze; verify what will serve (the saved file, reloaded and optimised exactly as
-    handler/pipeline.py loads it) against the eager model; raise ExportError if they disagree."""
+def export_torchscript(ckpt: LoadedCheckpoint, image_size: int) -> bytes:
+    """Trace and freeze; return the serialized file after verifying it (reloaded and optimised exactly
+    as handler/pipeline.py loads it) against the eager model: the bytes checked are the bytes shipped.
+    Raises ExportError if they disagree."""
     eager = MalignancyLogit(ckpt.module, ckpt.outputs).eval()
     example = torch.randn(2, 3, image_size, image_size)
     with torch.inference_mode():
@@ -81,8 +82,9 @@ def export_torchscript(ckpt: LoadedCheckpoint, image_size: int) -> torch.jit.Scr
     frozen = torch.jit.freeze(traced.eval())
     buf = io.BytesIO()
     torch.jit.save(frozen, buf)
-    verify(eager, load_model(buf.getvalue()), image_size)
-    return frozen
+    data = buf.getvalue()
+    verify(eager, load_model(data), image_size)
+    return data
 
 
 def verify(eager: nn.Module, exported: Callable[[torch.Tensor], torch.Tensor], image_size: int) -> float:

@@ -10,23 +10,16 @@ import base64
 import binascii
 import json
 import logging
-import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 from handler.pipeline import (
-    METADATA_FILE,
-    MODEL_CONFIG_FILE,
     InputError,
-    PipelineConfig,
-    Scorer,
-    load_model,
+    load_archive,
     load_tensor,
-    read_model_config,
     release_memory,
     result,
 )
@@ -39,13 +32,6 @@ HOW_TO_SEND = (
     "send the image as the request body (curl -T img.jpg), as a multipart field "
     "'data' or 'file', or as JSON {\"image\": \"<base64>\"}"
 )
-
-
-def usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def request_bytes(row: Mapping[str, Any]) -> bytes:
@@ -79,20 +65,13 @@ def request_bytes(row: Mapping[str, Any]) -> bytes:
 class MelanomaHandler(BaseHandler):
     def initialize(self, context: Any) -> None:
         self.context = context
-        model_dir = Path(context.system_properties["model_dir"])
-        yaml_text = (model_dir / MODEL_CONFIG_FILE).read_text()
-        self.cfg: PipelineConfig
-        self.cfg, section = read_model_config(yaml_text)
-        threads = int(section.get("threads") or 0) or usable_cpus()
-        torch.set_num_threads(threads)
         try:
             torch.set_num_interop_threads(1)
         except RuntimeError:  # already set in this process
             pass
-        self.metadata: dict[str, Any] = json.loads((model_dir / METADATA_FILE).read_text())
-        serialized = context.manifest["model"]["serializedFile"]
-        model = load_model(model_dir / serialized)
-        self.scorer = Scorer(model, self.cfg)
+        archive = load_archive(context.system_properties["model_dir"],
+                               model_file=context.manifest["model"]["serializedFile"])
+        self.cfg, self.metadata, self.scorer = archive.cfg, archive.metadata, archive.scorer
         self.scorer.warm_up()
         release_memory()
         if self.metadata.get("demo"):
@@ -100,7 +79,8 @@ class MelanomaHandler(BaseHandler):
         logger.info(
             "melanoma model %s (%s, sha256 %s) ready: %d threads, %d TTA views, threshold %.4f",
             self.metadata.get("version"), self.metadata.get("checkpoint_form"),
-            str(self.metadata.get("weights_sha256"))[:12], threads, self.cfg.tta_views, self.cfg.threshold,
+            str(self.metadata.get("weights_sha256"))[:12], archive.threads, self.cfg.tta_views,
+            self.cfg.threshold,
         )
         self.initialized = True
 

@@ -295,28 +295,42 @@ def read_model_config(text: str) -> tuple[PipelineConfig, dict[str, Any]]:
     return PipelineConfig.from_mapping(section, ignore=RUNTIME_KEYS), dict(section)
 
 
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 @dataclass
 class LoadedArchive:
     scorer: Scorer
     cfg: PipelineConfig
     metadata: dict[str, Any]
+    threads: int
 
     def score(self, data: bytes) -> dict[str, Any]:
         return result(self.scorer.predict_bytes(data), self.cfg, self.metadata)
 
 
-def load_archive(path: str | os.PathLike[str], threads: int | None = None) -> LoadedArchive:
-    """Load a .mar (zip) or an unpacked archive folder for in-process scoring."""
+def load_archive(path: str | os.PathLike[str], threads: int | None = None,
+                 model_file: str = MODEL_FILE) -> LoadedArchive:
+    """Load a .mar (zip) or an unpacked archive folder (what TorchServe hands the handler).
+
+    Torch threads: `threads`, else the archive's `threads` setting, else every CPU this process may use;
+    the server and the offline tools thus run the same way.
+    """
     p = Path(path)
     if p.is_dir():
         read = lambda name: (p / name).read_bytes()  # noqa: E731
+        model_source: bytes | Path = p / model_file
     elif zipfile.is_zipfile(p):
-        zf = zipfile.ZipFile(p)
-        read = zf.read
+        read = zipfile.ZipFile(p).read
+        model_source = read(model_file)
     else:
         raise FileNotFoundError(f"{p}: not a .mar archive or archive folder")
-    cfg, _ = read_model_config(read(MODEL_CONFIG_FILE).decode())
+    cfg, section = read_model_config(read(MODEL_CONFIG_FILE).decode())
     metadata = json.loads(read(METADATA_FILE))
-    if threads:
-        torch.set_num_threads(threads)
-    return LoadedArchive(Scorer(load_model(read(MODEL_FILE)), cfg), cfg, metadata)
+    threads = threads or int(section.get("threads") or 0) or usable_cpus()
+    torch.set_num_threads(threads)
+    return LoadedArchive(Scorer(load_model(model_source), cfg), cfg, metadata, threads)

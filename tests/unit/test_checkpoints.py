@@ -14,7 +14,7 @@ from torch import nn
 
 from exporter.checkpoint import CheckpointError, build_model, load_checkpoint
 from exporter.export import ExportError, MalignancyLogit, demo_checkpoint, export_torchscript, verify
-from handler.pipeline import PipelineConfig, preprocess
+from handler.pipeline import PipelineConfig, load_model, preprocess
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +180,7 @@ def test_bad_checkpoints_fail_with_one_clear_line(reference: nn.Module, tmp_path
 def test_export_matches_eager_for_other_batch_sizes(reference: nn.Module) -> None:
     from exporter.checkpoint import LoadedCheckpoint
 
-    ts = export_torchscript(LoadedCheckpoint(reference, 1, "test", "0"), 128)
+    ts = load_model(export_torchscript(LoadedCheckpoint(reference, 1, "test", "0"), 128))
     x = torch.randn(5, 3, 128, 128)
     torch.testing.assert_close(ts(x), logits(reference, x),
                                atol=1e-4, rtol=0)
