@@ -220,6 +220,20 @@ def served(archive: Path, repeats: int, load_requests: int) -> dict[str, Any]:
                     list(pool.map(one, range(load_requests)))
                 out["throughput_4_clients"][k] = load_requests / (time.perf_counter() - t)
         out["peak_rss_mib"] = rss.peak
+        # Explanations last: the first one loads explain.pt (+~105 MiB), which must not count above.
+        explain_url = f"{srv.url}/explanations/melanoma"
+        first = timed(lambda: session.post(explain_url, data=imgs["128px"], headers=headers, timeout=120))
+        elat: dict[str, list[float]] = {k: [] for k in imgs}
+        for _ in range(max(3, repeats // 3)):
+            for k, data in imgs.items():
+                t = time.perf_counter()
+                r = session.post(explain_url, data=data, headers=headers, timeout=120)
+                if r.status_code != 200:
+                    raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
+                elat[k].append(time.perf_counter() - t)
+        out["explain_first_s"] = first
+        out["explain_latency_1_client"] = {k: stats(v) for k, v in elat.items()}
+        out["rss_after_explanations_mib"] = rss.current()
         return out
     finally:
         stop_server(srv)
@@ -289,6 +303,16 @@ def table(res: dict[str, Any]) -> str:
                 f"{split['handler_median']:.0f} ms; frontend inference latency median "
                 f"{split['frontend_median']:.0f} ms "
                 f"(frontend + IPC: {split['frontend_overhead_median']:.1f} ms).")
+        if "explain_latency_1_client" in sv:
+            add("")
+            add("| /explanations (Grad-CAM, 8 views) | p50 (p95), 1 client | vs served prediction |")
+            add("|---|---|---|")
+            for k in ("128px", "24MP"):
+                e, lat = sv["explain_latency_1_client"][k], sv["latency_1_client"][k]
+                add(f"| {k} JPEG | {e['median_ms']:.0f} ms ({e['p95_ms']:.0f}) | "
+                    f"{e['median_ms'] / lat['median_ms']:.2f}x |")
+            add(f"\nFirst explanation (loads explain.pt): {sv['explain_first_s']:.1f} s; JVM + worker RSS after "
+                f"explanations: {sv['rss_after_explanations_mib']:.0f} MiB.")
         add("")
         add(f"Peak RSS, JVM + worker, under 4-client load: {sv['peak_rss_mib']:.0f} MiB. "
             f"Cold start (torchserve --start to first prediction): {sv['cold_start_s']:.1f} s.")

@@ -113,7 +113,7 @@ def offline_scorer(target: str) -> OfflineScorer:
         raise ClientError(str(e)) from None
     model = load_model(export_torchscript(ckpt, cfg.image_size))
     meta = {"name": "melanoma", "version": "offline", "weights_sha256": ckpt.sha256, "demo": False}
-    return OfflineScorer(LoadedArchive(Scorer(model, cfg), cfg, meta, torch.get_num_threads()))
+    return OfflineScorer(LoadedArchive(Scorer(model, cfg), cfg, meta, torch.get_num_threads(), p))
 
 
 def score_all(scorer: Any, images: dict[str, Path], done: dict[str, float], out_csv: Path, workers: int,

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Score lesion photos with the melanoma endpoint.
 
-    python client/predict.py image.jpg [more images or folders] [--json | --csv]
+    python client/predict.py image.jpg [more images or folders] [--json | --csv] [--explain]
 
 Prints one line per image: path, probability, label. Exits 1 if any image failed.
 NOT A DIAGNOSTIC DEVICE: a score is no diagnosis; see a dermatologist about any worrying lesion.
@@ -10,6 +10,7 @@ NOT A DIAGNOSTIC DEVICE: a score is no diagnosis; see a dermatologist about any 
 from __future__ import annotations
 
 import argparse
+import base64
 import csv
 import json
 import sys
@@ -35,9 +36,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     out.add_argument("--json", action="store_true", help="one JSON object per line (the full response)")
     out.add_argument("--csv", action="store_true", help="CSV: path,probability,label,threshold,error")
     add_server_args(ap)
+    ap.add_argument("--explain", action="store_true",
+                    help="also ask for a Grad-CAM heatmap and write it over the photo to <image>.heatmap.png")
     ap.add_argument("--offline", metavar="ARCHIVE",
                     help="score in-process with this .mar through the same pipeline, no server")
     return ap.parse_args(argv)
+
+
+def heatmap_path(image: Path) -> Path:
+    return image.with_name(f"{image.stem}.heatmap.png")
+
+
+def save_heatmap(image: Path, res: dict[str, Any]) -> None:
+    """Write the overlay PNG beside the image; keep the printed result small (no float grid, no base64)."""
+    explanation = res.get("explanation") or {}
+    png = explanation.pop("overlay_png", None)
+    if png is None:
+        raise ClientError("the server's explanation has no overlay image")
+    out = heatmap_path(image)
+    try:
+        out.write_bytes(base64.b64decode(png))
+    except OSError as e:
+        raise ClientError(f"cannot write {out}: {e.strerror}") from None
+    explanation.pop("heatmap", None)
+    explanation["heatmap_png"] = str(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,7 +81,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def score(path: Path) -> tuple[Path, dict[str, Any] | None, str | None]:
         try:
-            return path, scorer.predict_file(path), None
+            res = scorer.predict_file(path, explain=args.explain)
+            if args.explain:
+                save_heatmap(path, res)
+            return path, res, None
         except AuthError:
             raise
         except ClientError as e:
@@ -85,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
                 writer.writerow(row)
             elif res:
                 demo = "  [DEMO MODEL: untrained, meaningless]" if res.get("model", {}).get("demo") else ""
-                print(f"{path}\t{res['probability']:.4f}\t{res['label']}{demo}", flush=True)
+                heat = f"\theatmap: {res['explanation']['heatmap_png']}" if "explanation" in res else ""
+                print(f"{path}\t{res['probability']:.4f}\t{res['label']}{heat}{demo}", flush=True)
             else:
                 print(f"{path}\tERROR\t{err}", flush=True)
     except AuthError as e:  # every other image would fail the same way: stop with one line

@@ -204,7 +204,12 @@ class Client:
     def endpoint(self) -> str:
         return f"{self.url.rstrip('/')}/predictions/{self.model}"
 
-    def predict_bytes(self, data: bytes) -> dict[str, Any]:
+    @property
+    def explain_endpoint(self) -> str:
+        return f"{self.url.rstrip('/')}/explanations/{self.model}"
+
+    def predict_bytes(self, data: bytes, explain: bool = False) -> dict[str, Any]:
+        """The prediction; with `explain`, from /explanations with a Grad-CAM heatmap and PNG overlay."""
         last: ClientError | None = None
         renewed = False
         attempt = 0
@@ -215,11 +220,13 @@ class Client:
             attempt += 1
             token = self.token
             headers = {"Content-Type": "application/octet-stream"}
+            if explain:
+                headers["X-Overlay"] = "true"
             if token:
                 headers["Authorization"] = f"Bearer {token}"
             try:
-                r = self.session.post(self.endpoint, data=data, headers=headers, timeout=self.timeout,
-                                      verify=self.verify)
+                r = self.session.post(self.explain_endpoint if explain else self.endpoint, data=data,
+                                      headers=headers, timeout=self.timeout, verify=self.verify)
             except requests.exceptions.SSLError as e:
                 raise ClientError(
                     f"TLS certificate verification failed for {self.url} ({_reason(e)}); "
@@ -273,12 +280,15 @@ class Client:
                 return True
             return False
 
-    def predict_file(self, path: Path) -> dict[str, Any]:
-        try:
-            data = Path(path).read_bytes()
-        except OSError as e:
-            raise ClientError(f"cannot read {path}: {e.strerror}") from None
-        return self.predict_bytes(data)
+    def predict_file(self, path: Path, explain: bool = False) -> dict[str, Any]:
+        return self.predict_bytes(read_image_file(path), explain)
+
+
+def read_image_file(path: Path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise ClientError(f"cannot read {path}: {e.strerror}") from None
 
 
 def rotate_key(management_url: str, api_key: str, kind: str = "inference", cacert: str | None = None) -> bool:
@@ -345,17 +355,22 @@ class OfflineScorer:
     def __init__(self, loaded: Any) -> None:
         self.archive = loaded
         self._input_error = _import_pipeline().InputError
+        self._explainer: Any = None
 
     @classmethod
     def from_path(cls, archive: str, threads: int | None = None) -> OfflineScorer:
         return cls(_import_pipeline().load_archive(archive, threads=threads))
 
-    def predict_file(self, path: Path) -> dict[str, Any]:
+    def predict_file(self, path: Path, explain: bool = False) -> dict[str, Any]:
+        data = read_image_file(path)
         try:
-            data = Path(path).read_bytes()
-        except OSError as e:
-            raise ClientError(f"cannot read {path}: {e.strerror}") from None
-        try:
-            return self.archive.score(data)
+            if not explain:
+                return self.archive.score(data)
+            import handler.explain as ex  # the handler's own explanation code
+
+            if self._explainer is None:
+                self._explainer = ex.load_explainer(self.archive)
+            p = self.archive.scorer.predict_bytes(data)
+            return ex.explain_images(self._explainer, [data], [p], self.archive.metadata, [True])[0]
         except self._input_error as e:
             raise ClientError(str(e), e.status) from None

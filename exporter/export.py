@@ -87,6 +87,79 @@ def export_torchscript(ckpt: LoadedCheckpoint, image_size: int) -> bytes:
     return data
 
 
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+EXPLAIN_LAYER = "layer3"  # 8x8 at 128 px; see docs/EXPLANATIONS.md for the evidence against layer4 (4x4)
+
+
+class _Stage(nn.Module):
+    """ResNeSt stem and stages up to `layer` (the activations Grad-CAM weighs)."""
+
+    def __init__(self, model: nn.Module, layer: str) -> None:
+        super().__init__()
+        self.model, self.names = model, STAGES[: STAGES.index(layer) + 1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+        for name in self.names:
+            x = getattr(m, name)(x)
+        return x
+
+
+class _Head(nn.Module):
+    """The rest of the network after `layer`: remaining stages, pooling, fc, as MalignancyLogit."""
+
+    def __init__(self, model: nn.Module, outputs: int, layer: str) -> None:
+        super().__init__()
+        self.model, self.outputs, self.names = model, outputs, STAGES[STAGES.index(layer) + 1:]
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        for name in self.names:
+            a = getattr(m, name)(a)
+        out = m.fc(torch.flatten(m.avgpool(a), 1))  # m.drop is a no-op in eval
+        if self.outputs == 2:
+            return out[:, 1:2] - out[:, 0:1]
+        return out
+
+
+class CamParts(nn.Module):
+    """explain.pt: forward(x) = rest(stage(x)) = the malignancy logit; Grad-CAM calls the two halves."""
+
+    def __init__(self, model: nn.Module, outputs: int, layer: str) -> None:
+        super().__init__()
+        self.features = _Stage(model, layer)
+        self.head = _Head(model, outputs, layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def stage(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def rest(self, a: torch.Tensor) -> torch.Tensor:
+        return self.head(a)
+
+
+def export_explainer(ckpt: LoadedCheckpoint, image_size: int, layer: str = EXPLAIN_LAYER) -> bytes:
+    """Trace the model as stage + rest (frozen, not optimised for inference: Grad-CAM needs autograd
+    through the rest), verify rest(stage(x)) against the eager model, return the serialized file."""
+    if layer not in STAGES:
+        raise ExportError(f"explain layer must be one of {', '.join(STAGES)}, got {layer}")
+    module = CamParts(ckpt.module.eval(), ckpt.outputs, layer).eval()
+    example = torch.randn(2, 3, image_size, image_size)
+    with torch.no_grad():
+        inputs = {"forward": example, "stage": example, "rest": module.stage(example)}
+        traced = torch.jit.trace_module(module, inputs, check_trace=False)
+    parts = torch.jit.freeze(traced.eval(), preserved_attrs=["stage", "rest"])
+    buf = io.BytesIO()
+    torch.jit.save(parts, buf)
+    data = buf.getvalue()
+    loaded = torch.jit.load(io.BytesIO(data)).eval()
+    verify(MalignancyLogit(ckpt.module, ckpt.outputs).eval(), lambda x: loaded.rest(loaded.stage(x)), image_size)
+    return data
+
+
 def verify(eager: nn.Module, exported: Callable[[torch.Tensor], torch.Tensor], image_size: int) -> float:
     gen = torch.Generator().manual_seed(0)
     worst = 0.0

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
+from handler.explain import Explainer, explain_images, load_explainer
 from handler.pipeline import (
     InputError,
     load_archive,
@@ -27,7 +28,9 @@ from handler.pipeline import (
 logger = logging.getLogger(__name__)
 
 JSON = "application/json"
-PHRASES = {400: "Bad Request", 413: "Payload Too Large", 415: "Unsupported Media Type", 500: "Internal Server Error"}
+PHRASES = {400: "Bad Request", 413: "Payload Too Large", 415: "Unsupported Media Type", 500: "Internal Server Error",
+           501: "Not Implemented"}
+TRUE = ("1", "true", "yes")
 HOW_TO_SEND = (
     "send the image as the request body (curl -T img.jpg), as a multipart field "
     "'data' or 'file', or as JSON {\"image\": \"<base64>\"}"
@@ -62,6 +65,39 @@ def request_bytes(row: Mapping[str, Any]) -> bytes:
     raise InputError(f"unsupported body of type {type(value).__name__}: {HOW_TO_SEND}", 415)
 
 
+def wants_overlay(row: Mapping[str, Any], headers: Mapping[str, Any]) -> bool:
+    """A PNG overlay was asked for: multipart field `overlay=true`, "overlay": true in a JSON body, or an
+    `X-Overlay: true` header. (TorchServe 0.12 drops URL query parameters before the handler.)"""
+    value = row.get("overlay")
+    body = next((row[k] for k in ("data", "file", "body") if row.get(k) is not None), None)
+    if value is None and isinstance(body, Mapping):
+        value = body.get("overlay")
+    if value is None:
+        value = next((v for k, v in headers.items() if str(k).lower() == "x-overlay"), None)
+    if isinstance(value, (bytes, bytearray)):
+        value = bytes(value).decode(errors="replace")
+    return value is True or str(value).strip().lower() in TRUE
+
+
+def request_headers(context: Any, idx: int) -> Mapping[str, Any]:
+    """The X-Overlay header, however it was capitalised (0.12's context has no working get-all)."""
+    try:
+        for name in ("X-Overlay", "x-overlay", "X-OVERLAY"):
+            if (value := context.get_request_header(idx, name)) is not None:
+                return {"x-overlay": value}
+    except (AttributeError, IndexError, KeyError):
+        pass
+    return {}
+
+
+def is_explanation(context: Any, idx: int) -> bool:
+    """TorchServe marks each request to /explanations/<model> with the header explain=True."""
+    try:
+        return str(context.get_request_header(idx, "explain")) == "True"
+    except (AttributeError, IndexError, KeyError):
+        return False
+
+
 class MelanomaHandler(BaseHandler):
     def initialize(self, context: Any) -> None:
         self.context = context
@@ -71,6 +107,7 @@ class MelanomaHandler(BaseHandler):
             pass
         archive = load_archive(context.system_properties["model_dir"],
                                model_file=context.manifest["model"]["serializedFile"])
+        self._archive = archive
         self.cfg, self.metadata, self.scorer = archive.cfg, archive.metadata, archive.scorer
         self.scorer.warm_up()
         release_memory()
@@ -82,15 +119,17 @@ class MelanomaHandler(BaseHandler):
             str(self.metadata.get("weights_sha256"))[:12], archive.threads, self.cfg.tta_views,
             self.cfg.threshold,
         )
+        self.explainer: Explainer | None = None  # explain.pt is loaded on the first explanation only
         self.initialized = True
 
     def handle(self, data: list[Mapping[str, Any]], context: Any) -> list[str]:
         responses: list[str] = [""] * len(data)
-        index, tensors = [], []
+        index, tensors, payloads = [], [], []
         for i, row in enumerate(data):
             try:
                 payload = request_bytes(row)
                 tensors.append(load_tensor(payload, self.cfg))
+                payloads.append(payload)
                 index.append(i)
             except InputError as e:
                 responses[i] = self._reply(context, i, {"error": str(e), "code": e.status}, e.status)
@@ -104,9 +143,36 @@ class MelanomaHandler(BaseHandler):
                 for i in index:
                     responses[i] = self._reply(context, i, body, 500)
                 return responses
-            for i, p in zip(index, probabilities, strict=True):
-                responses[i] = self._reply(context, i, result(p, self.cfg, self.metadata), 200)
+            explain = [j for j, i in enumerate(index) if is_explanation(context, i)]
+            for j, (i, p) in enumerate(zip(index, probabilities, strict=True)):
+                if j not in explain:
+                    responses[i] = self._reply(context, i, result(p, self.cfg, self.metadata), 200)
+            if explain:
+                self._explain(context, data, responses, [index[j] for j in explain],
+                              [payloads[j] for j in explain], [probabilities[j] for j in explain])
         return responses
+
+    def _explain(self, context: Any, data: list[Mapping[str, Any]], responses: list[str], index: list[int],
+                 payloads: list[bytes], probabilities: list[float]) -> None:
+        """Grad-CAM for the requests sent to /explanations; the probability is the one just computed."""
+        try:
+            if self.explainer is None:
+                self.explainer = load_explainer(self._archive)
+            bodies = explain_images(self.explainer, payloads, probabilities, self.metadata,
+                                    [wants_overlay(data[i], request_headers(context, i)) for i in index])
+        except InputError as e:
+            for i in index:
+                responses[i] = self._reply(context, i, {"error": str(e), "code": e.status}, e.status)
+            return
+        except Exception:
+            logger.exception("explanation failed")
+            for i in index:
+                body = {"error": "the explanation failed; see the server log", "code": 500}
+                responses[i] = self._reply(context, i, body, 500)
+            return
+        for i, body in zip(index, bodies, strict=True):
+            responses[i] = self._reply(context, i, body, 200)
+        release_memory()  # autograd buffers of the backward pass: give them back (t2.micro)
 
     @staticmethod
     def _reply(context: Any, idx: int, body: dict[str, Any], status: int) -> str:

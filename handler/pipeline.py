@@ -42,6 +42,7 @@ DEMO_WARNING = (
 MODEL_FILE = "model.pt"
 MODEL_CONFIG_FILE = "model-config.yaml"
 METADATA_FILE = "metadata.json"
+EXPLAIN_FILE = "explain.pt"  # Grad-CAM parts (handler/explain.py); absent in --no-explain archives
 
 
 class InputError(ValueError):
@@ -308,9 +309,23 @@ class LoadedArchive:
     cfg: PipelineConfig
     metadata: dict[str, Any]
     threads: int
+    source: Path
 
     def score(self, data: bytes) -> dict[str, Any]:
         return result(self.scorer.predict_bytes(data), self.cfg, self.metadata)
+
+    def has_member(self, name: str) -> bool:
+        if self.source.is_dir():
+            return (self.source / name).is_file()
+        with zipfile.ZipFile(self.source) as z:
+            return name in z.namelist()
+
+    def read_member(self, name: str) -> bytes:
+        """A file of the archive, read when needed (explain.pt is only loaded on a first explanation)."""
+        if self.source.is_dir():
+            return (self.source / name).read_bytes()
+        with zipfile.ZipFile(self.source) as z:
+            return z.read(name)
 
 
 def load_archive(path: str | os.PathLike[str], threads: int | None = None,
@@ -333,4 +348,4 @@ def load_archive(path: str | os.PathLike[str], threads: int | None = None,
     metadata = json.loads(read(METADATA_FILE))
     threads = threads or int(section.get("threads") or 0) or usable_cpus()
     torch.set_num_threads(threads)
-    return LoadedArchive(Scorer(load_model(model_source), cfg), cfg, metadata, threads)
+    return LoadedArchive(Scorer(load_model(model_source), cfg), cfg, metadata, threads, p)

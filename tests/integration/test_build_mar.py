@@ -14,7 +14,8 @@ from imaging import encode, lesion_rgb
 
 from exporter.checkpoint import build_model
 from exporter.export import demo_checkpoint
-from handler.pipeline import PipelineConfig, load_archive, load_tensor, tta_views
+from handler.explain import explain_images, load_explainer
+from handler.pipeline import InputError, PipelineConfig, load_archive, load_tensor, tta_views
 
 pytestmark = pytest.mark.integration
 
@@ -25,7 +26,9 @@ def test_demo_archive_contents(demo_archive: Path) -> None:
         meta = json.loads(zf.read("metadata.json"))
         cfg = yaml.safe_load(zf.read("model-config.yaml"))
         manifest = json.loads(zf.read("MAR-INF/MANIFEST.json"))
-    assert {"model.pt", "metadata.json", "model-config.yaml", "melanoma_handler.py", "handler/pipeline.py"} <= names
+    assert {"model.pt", "explain.pt", "metadata.json", "model-config.yaml", "melanoma_handler.py",
+            "handler/pipeline.py", "handler/explain.py"} <= names
+    assert meta["explain"] == {"file": "explain.pt", "method": "grad-cam", "layer": "layer3"}
     assert meta["demo"] is True and meta["architecture"] == "resnest50_fast_4s1x64d" and meta["head"] == "sigmoid"
     assert len(meta["weights_sha256"]) == 64 and meta["versions"]["torch"].startswith("2.13.0")
     assert {"created_at", "source_file", "torchscript_sha256"} <= set(meta)
@@ -81,13 +84,31 @@ def test_checkpoint_archive_scores_equal_the_eager_model(outputs: int, tmp_path:
         assert abs(res["probability"] - expected) <= 1e-5
         assert res["threshold"] == 0.3 and "warning" not in res
         probs.append(res["probability"])
+    # explain.pt is the same model (softmax head included): explain_images checks its logits against p
+    data = encode(lesion_rgb(seed=0), "JPEG")
+    body = explain_images(load_explainer(archive), [data], [probs[0]], archive.metadata, [False])[0]
+    assert body["probability"] == probs[0] and body["explanation"]["shape"] == [192, 256]
     assert max(probs) - min(probs) > 1e-3  # the images really score differently
 
 
 @pytest.mark.parametrize("views", [1, 4])
 def test_tta_views_option_reaches_the_archive(views: int, tmp_path: Path) -> None:
-    run_build("--tta-views", str(views), output_dir=tmp_path)
-    assert load_archive(tmp_path / "melanoma.mar").cfg.tta_views == views
+    """Also: --no-explain leaves explain.pt out (the views=1 build); explanations follow the views (4)."""
+    extra = ("--no-explain",) if views == 1 else ()
+    run_build("--tta-views", str(views), *extra, output_dir=tmp_path)
+    archive = load_archive(tmp_path / "melanoma.mar")
+    assert archive.cfg.tta_views == views
+    data = encode(lesion_rgb(seed=1), "JPEG")
+    if extra:
+        assert archive.metadata["explain"] is None and not archive.has_member("explain.pt")
+        assert (tmp_path / "melanoma.mar").stat().st_size < 150 * 2**20
+        with pytest.raises(InputError) as e:
+            load_explainer(archive)
+        assert e.value.status == 501
+    else:
+        p = archive.score(data)["probability"]
+        body = explain_images(load_explainer(archive), [data], [p], archive.metadata, [False])[0]
+        assert body["explanation"]["views_averaged"] == 4
 
 
 def test_refuses_to_overwrite_without_force(demo_archive: Path) -> None:

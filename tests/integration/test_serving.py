@@ -82,28 +82,35 @@ def test_every_way_of_sending_an_image(server: Server, offline: LoadedArchive) -
     ],
 )
 def test_bad_input_gets_a_4xx_with_a_json_message(how: str, status: int, words: str, server: Server) -> None:
+    """...and the same answer from /explanations as from /predictions."""
     from imaging import png_header_only
 
-    url, h = f"{server.url}/predictions/melanoma", server.headers()
-    if how == "empty":
-        r = server.predict(b"")
-    elif how == "text":
-        r = server.predict(b"this is not an image")
-    elif how == "truncated":
-        r = server.predict(encode(lesion_rgb(seed=4))[:2000])
-    elif how == "bomb":
-        r = server.predict(png_header_only(40000, 40000))
-    elif how == "bad base64":
-        r = requests.post(url, json={"image": "not*base64!"}, headers=h, timeout=60)
-    elif how == "json without image":
-        r = requests.post(url, json={"img": "x"}, headers=h, timeout=60)
-    elif how == "broken json":
-        r = requests.post(url, data=b'{"image": ', headers={**h, "Content-Type": "application/json"}, timeout=60)
-    else:
-        r = requests.post(url, files={"photo": ("x.jpg", b"123")}, headers=h, timeout=60)
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert body["code"] == status and words in body["error"]
+    h = server.headers()
+    raw = {**h, "Content-Type": "application/octet-stream"}
+    answers = []
+    for endpoint in ("predictions", "explanations"):
+        url = f"{server.url}/{endpoint}/melanoma"
+        if how == "empty":
+            r = requests.post(url, data=b"", headers=raw, timeout=60)
+        elif how == "text":
+            r = requests.post(url, data=b"this is not an image", headers=raw, timeout=60)
+        elif how == "truncated":
+            r = requests.post(url, data=encode(lesion_rgb(seed=4))[:2000], headers=raw, timeout=60)
+        elif how == "bomb":
+            r = requests.post(url, data=png_header_only(40000, 40000), headers=raw, timeout=60)
+        elif how == "bad base64":
+            r = requests.post(url, json={"image": "not*base64!"}, headers=h, timeout=60)
+        elif how == "json without image":
+            r = requests.post(url, json={"img": "x"}, headers=h, timeout=60)
+        elif how == "broken json":
+            r = requests.post(url, data=b'{"image": ', headers={**h, "Content-Type": "application/json"}, timeout=60)
+        else:
+            r = requests.post(url, files={"photo": ("x.jpg", b"123")}, headers=h, timeout=60)
+        assert r.status_code == status, f"{endpoint}: {r.text}"
+        body = r.json()
+        assert body["code"] == status and words in body["error"], endpoint
+        answers.append(body)
+    assert answers[0] == answers[1]
 
 
 def test_batch_with_one_corrupt_request(server: Server, offline: LoadedArchive) -> None:

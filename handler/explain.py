@@ -1,0 +1,164 @@
+"""Grad-CAM explanations over the same decode -> preprocess -> TTA path as handler/pipeline.py.
+
+The archive's model.pt is frozen and optimised for inference (no autograd), so the build also packs
+explain.pt: the same weights traced as two parts, `stage(x)` -> activations of one ResNeSt stage and
+`rest(a)` -> malignancy logit. The probability always comes from pipeline.Scorer (the exact number
+/predictions gives); explain.pt only provides the heatmap. Like pipeline.py, no TorchServe import.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from handler.pipeline import (
+    EXPLAIN_FILE,
+    InputError,
+    LoadedArchive,
+    PipelineConfig,
+    decode_image,
+    preprocess,
+    result,
+    tta_views,
+)
+
+# Heatmaps are upsampled to the input image's size, but no side beyond this: a 24 MP photo's full-size
+# map would be ~200 MB of JSON (TorchServe's max_response_size is 6.5 MB by default).
+MAX_HEATMAP_SIDE = 256
+DECIMALS = 4
+# A stage's activations must reproduce the served logit; a larger gap means explain.pt does not
+# belong to this model.pt, and no heatmap is better than a wrong one.
+LOGIT_TOLERANCE = 1e-3
+
+
+def untta(maps: torch.Tensor, n: int, views: int) -> torch.Tensor:
+    """(views*N) x h x w maps, one per TTA view (pipeline.tta_views order), -> views x N x h x w,
+    each mapped back to the original image's orientation (the inverse of the view's flips/transpose)."""
+    m = maps.reshape(views, n, *maps.shape[1:])
+    undo = [
+        lambda a: a, lambda a: a.flip(-1), lambda a: a.flip(-2), lambda a: a.flip(-2, -1),
+        # views 4..7 are flips of the transpose: undo the flip, then transpose back
+        lambda a: a.transpose(-2, -1), lambda a: a.flip(-1).transpose(-2, -1),
+        lambda a: a.flip(-2).transpose(-2, -1), lambda a: a.flip(-2, -1).transpose(-2, -1),
+    ]
+    return torch.stack([undo[v](m[v]) for v in range(views)])
+
+
+class Explainer:
+    """Grad-CAM of the malignancy logit at one stage, averaged over the TTA views."""
+
+    def __init__(self, parts: torch.jit.ScriptModule, cfg: PipelineConfig, layer: str) -> None:
+        self.parts = parts
+        self.cfg = cfg
+        self.layer = layer
+
+    def cams(self, tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (N x h x w Grad-CAM maps in [0, 1] at the stage's resolution, (views*N) logits)."""
+        x = torch.stack(list(tensors))
+        batch = tta_views(x, self.cfg.tta_views).contiguous()
+        with torch.no_grad():
+            a = self.parts.stage(batch)
+        a.requires_grad_(True)
+        with torch.enable_grad():
+            logits = self.parts.rest(a)
+            (grad,) = torch.autograd.grad(logits.sum(), a)
+        weights = grad.mean(dim=(2, 3), keepdim=True)  # Grad-CAM: channel weight = mean gradient
+        cam = torch.relu((weights * a.detach()).sum(dim=1)).double()
+        cam = untta(cam, len(tensors), self.cfg.tta_views).mean(dim=0)
+        peak = cam.amax(dim=(1, 2), keepdim=True)
+        cam = torch.where(peak > 0, cam / peak.clamp_min(1e-30), torch.zeros_like(cam))
+        return cam, logits.detach().reshape(-1)
+
+
+def load_explainer(archive: LoadedArchive) -> Explainer:
+    info = archive.metadata.get("explain") or {}
+    if not info or not archive.has_member(info.get("file", EXPLAIN_FILE)):
+        raise InputError("this archive was built without explanations (build_mar.sh --no-explain); "
+                         "rebuild it without that flag", 501)
+    f = io.BytesIO(archive.read_member(info.get("file", EXPLAIN_FILE)))
+    parts = torch.jit.load(f, map_location="cpu").eval()
+    for p in parts.parameters():
+        p.requires_grad_(False)
+    return Explainer(parts, archive.cfg, str(info.get("layer", "")))
+
+
+def original_size(data: bytes) -> tuple[int, int]:
+    """(height, width) of the image as a viewer shows it (EXIF rotation applied), from the header."""
+    im = Image.open(io.BytesIO(data))
+    width, height = im.size
+    if im.getexif().get(0x0112) in (5, 6, 7, 8):  # orientations that swap width and height
+        width, height = height, width
+    return height, width
+
+
+def heatmap_size(height: int, width: int, max_side: int = MAX_HEATMAP_SIDE) -> tuple[int, int]:
+    scale = min(1.0, max_side / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def upsample(cam: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """h x w map -> size, bilinear (the model saw the whole image stretched to a square, so the map
+    stretches back over the whole image), clipped to [0, 1]."""
+    up = torch.nn.functional.interpolate(cam[None, None].float(), size=size, mode="bilinear", align_corners=False)
+    return up[0, 0].clamp(0, 1).numpy()
+
+
+# Anchor colours of a perceptually ordered map (dark blue -> cyan -> yellow -> red).
+_ANCHORS = np.array([[0, 0, 130], [0, 90, 255], [0, 220, 220], [255, 230, 0], [255, 60, 0], [180, 0, 0]], float)
+
+
+def colorize(heat: np.ndarray) -> np.ndarray:
+    pos = np.clip(heat, 0, 1) * (len(_ANCHORS) - 1)
+    lo = np.floor(pos).astype(int).clip(0, len(_ANCHORS) - 2)
+    t = (pos - lo)[..., None]
+    return ((1 - t) * _ANCHORS[lo] + t * _ANCHORS[lo + 1]).astype(np.uint8)
+
+
+def overlay_png(rgb: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> bytes:
+    """The photo (EXIF-rotated, as a viewer shows it) at the heatmap's size, the coloured heatmap over it."""
+    h, w = heat.shape
+    photo = Image.fromarray(rgb).resize((w, h), Image.Resampling.BILINEAR)
+    blend = Image.blend(photo, Image.fromarray(colorize(heat)), alpha)
+    buf = io.BytesIO()
+    blend.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def explain_images(explainer: Explainer, images: Sequence[bytes], probabilities: Sequence[float],
+                   model_info: Mapping[str, Any], overlay: Sequence[bool]) -> list[dict[str, Any]]:
+    """Responses for images whose probabilities pipeline.Scorer gave: result() plus `explanation`."""
+    cfg = explainer.cfg
+    rgbs = [decode_image(d, cfg) for d in images]
+    cams, logits = explainer.cams([preprocess(rgb, cfg) for rgb in rgbs])
+    check = torch.sigmoid(logits.double().reshape(cfg.tta_views, len(images))).mean(dim=0)
+    out = []
+    for i, data in enumerate(images):
+        if abs(float(check[i]) - probabilities[i]) > LOGIT_TOLERANCE:
+            raise RuntimeError(f"explain.pt disagrees with model.pt (p {float(check[i]):.6f} vs "
+                               f"{probabilities[i]:.6f}): the archive is inconsistent")
+        height, width = original_size(data)
+        size = heatmap_size(height, width)
+        heat = upsample(cams[i], size)
+        body = result(probabilities[i], cfg, model_info)
+        body["explanation"] = {
+            "method": "grad-cam",
+            "layer": explainer.layer,
+            "views_averaged": cfg.tta_views,
+            "grid": list(cams[i].shape),
+            "image_size": [height, width],
+            "shape": list(size),
+            "heatmap": np.round(heat, DECIMALS).tolist(),
+            # Grad-CAM keeps positive evidence for "malignant" only: a map of zeros means no region
+            # raised the malignancy logit (common for clearly benign scores), not a failure.
+            "no_positive_evidence": bool(cams[i].max() <= 0),
+        }
+        if overlay[i]:
+            body["explanation"]["overlay_png"] = base64.b64encode(overlay_png(rgbs[i], heat)).decode()
+        out.append(body)
+    return out

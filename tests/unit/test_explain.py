@@ -1,0 +1,133 @@
+"""Grad-CAM without a server: TTA un-mapping, heatmap range/shape, mirror symmetry, and that the peak
+lands on the one structure a model was fitted to respond to. Uses explain.pt exactly as build_mar.sh makes it."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from blobs import blob_checkpoint, blob_image, random_center
+from imaging import encode, jpeg_with_orientation, lesion_rgb
+from PIL import Image
+
+from exporter.export import EXPLAIN_LAYER, demo_checkpoint, export_explainer
+from handler.explain import (
+    Explainer,
+    explain_images,
+    heatmap_size,
+    load_explainer,
+    original_size,
+    untta,
+    upsample,
+)
+from handler.melanoma_handler import request_headers, wants_overlay
+from handler.pipeline import InputError, LoadedArchive, PipelineConfig, Scorer, load_tensor, tta_views
+
+CFG = PipelineConfig()
+
+
+@pytest.mark.parametrize("views", [1, 2, 4, 8])
+def test_untta_inverts_every_view(views: int) -> None:
+    maps = torch.arange(2 * 6 * 6, dtype=torch.float64).reshape(2, 1, 6, 6)  # asymmetric, 2 images
+    viewed = tta_views(maps, views)[:, 0]  # what each view "sees", in view order
+    back = untta(viewed, 2, views)
+    assert back.shape == (views, 2, 6, 6)
+    for v in range(views):
+        assert torch.equal(back[v], maps[:, 0]), f"view {v}"
+
+
+def _explainer(ckpt) -> Explainer:  # noqa: ANN001
+    parts = torch.jit.load(io.BytesIO(export_explainer(ckpt, CFG.image_size))).eval()
+    return Explainer(parts, CFG, EXPLAIN_LAYER)
+
+
+@pytest.fixture(scope="module")
+def demo_explainer() -> Explainer:
+    return _explainer(demo_checkpoint())
+
+
+def test_heatmaps_finite_in_range_and_shaped(demo_explainer: Explainer) -> None:
+    images = [encode(lesion_rgb(240, 320, seed=s)) for s in range(3)]
+    cams, logits = demo_explainer.cams([load_tensor(d, CFG) for d in images])
+    assert cams.shape == (3, 8, 8) and logits.shape == (24,)
+    bodies = explain_images(demo_explainer, images, [float(p) for p in torch.sigmoid(
+        logits.double().reshape(8, 3)).mean(0)], {"demo": True}, [False, True, False])
+    for body in bodies:
+        e = body["explanation"]
+        heat = np.array(e["heatmap"])
+        assert e["shape"] == [192, 256] and e["image_size"] == [240, 320] and heat.shape == (192, 256)
+        assert np.isfinite(heat).all() and heat.min() >= 0 and heat.max() <= 1
+        assert heat.max() == 0 if e["no_positive_evidence"] else heat.max() > 0.9
+        assert e["layer"] == "layer3" and e["grid"] == [8, 8] and e["views_averaged"] == 8
+    assert sum(not b["explanation"]["no_positive_evidence"] for b in bodies) >= 1  # not vacuous
+    png = Image.open(io.BytesIO(base64.b64decode(bodies[1]["explanation"]["overlay_png"])))
+    assert png.format == "PNG" and png.size == (256, 192)
+    assert "overlay_png" not in bodies[0]["explanation"]
+
+
+def test_flipped_image_gives_mirrored_heatmap(demo_explainer: Explainer) -> None:
+    rgb = lesion_rgb(240, 320, seed=1)
+    a, _ = demo_explainer.cams([load_tensor(encode(rgb, "PNG"), CFG)])
+    b, _ = demo_explainer.cams([load_tensor(encode(rgb[:, ::-1].copy(), "PNG"), CFG)])
+    assert float(a.max()) == 1.0  # a map with a peak, or the comparison would be vacuous
+    assert float((a[0] - b[0].flip(-1)).abs().max()) <= 1e-5
+    c, _ = demo_explainer.cams([load_tensor(encode(rgb[::-1].copy(), "PNG"), CFG)])  # and vertically
+    assert float((a[0] - c[0].flip(-2)).abs().max()) <= 1e-5
+
+
+def test_heatmap_peak_falls_inside_the_blob() -> None:
+    """A model whose head is fitted to respond to a dark blob: the heatmap's peak is on the blob,
+    wherever the blob is (the pointing game of docs/EXPLANATIONS.md, 8 placements)."""
+    ex = _explainer(blob_checkpoint())
+    size, radius = 256, 28
+    rng = np.random.default_rng(99)
+    yy, xx = np.mgrid[0:size, 0:size]
+    for i in range(8):
+        cy, cx = random_center(rng, size, radius)
+        data = encode(blob_image(size, (cy, cx), radius, seed=500 + i), "PNG")
+        cams, _ = ex.cams([load_tensor(data, CFG)])
+        heat = upsample(cams[0], (size, size))
+        py, px = np.unravel_index(np.argmax(heat), heat.shape)
+        assert np.hypot(py - cy, px - cx) <= radius, f"placement {i}: peak ({py},{px}) vs blob ({cy:.0f},{cx:.0f})"
+        assert heat[np.hypot(yy - cy, xx - cx) <= radius].mean() > 3 * heat.mean() / 2
+
+
+def test_sizes_follow_the_viewer() -> None:
+    rgb = lesion_rgb(120, 200, seed=1)
+    assert original_size(encode(rgb)) == (120, 200)
+    assert original_size(jpeg_with_orientation(rgb, 6)) == (200, 120)  # rotated 90 degrees by EXIF
+    assert heatmap_size(120, 200) == (120, 200)
+    assert heatmap_size(3000, 4000) == (192, 256)
+    assert heatmap_size(4000, 10) == (256, 1)
+
+
+def test_archive_without_explain_answers_501() -> None:
+    archive = LoadedArchive(Scorer(lambda x: x, CFG), CFG, {"explain": None}, 1, Path("/nonexistent"))
+    with pytest.raises(InputError) as e:
+        load_explainer(archive)
+    assert e.value.status == 501 and "--no-explain" in str(e.value)
+
+
+class _Context:
+    def __init__(self, headers: dict[str, str]) -> None:
+        self.headers = headers
+
+    def get_request_header(self, idx: int, key: str) -> str | None:
+        return self.headers.get(key)
+
+
+@pytest.mark.parametrize("row,headers,expected", [
+    ({"body": bytearray(b"x")}, {}, False),
+    ({"data": b"x", "overlay": bytearray(b"true")}, {}, True),
+    ({"data": b"x", "overlay": bytearray(b"0")}, {}, False),
+    ({"body": {"image": "eA==", "overlay": True}}, {}, True),
+    ({"body": {"image": "eA==", "overlay": "no"}}, {}, False),
+    ({"body": bytearray(b"x")}, {"X-Overlay": "true"}, True),
+    ({"body": bytearray(b"x")}, {"x-overlay": "1"}, True),
+])
+def test_overlay_request(row: dict, headers: dict[str, str], expected: bool) -> None:
+    assert wants_overlay(row, request_headers(_Context(headers), 0)) is expected
