@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything the project needs, idempotently: Python >= 3.10, Java 17+, and .venv/ with the
-# pinned requirements. Usage: scripts/setup.sh [--dev]   (--dev adds the test and lint tools)
+# pinned requirements. Usage: scripts/setup.sh [--app | --dev]   (--app adds the web page's packages,
+# --dev those and the test and lint tools)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -8,6 +9,7 @@ say() { echo "setup: $*" >&2; }
 die() { echo "setup: error: $*" >&2; exit 1; }
 
 reqs=requirements.txt
+[[ "${1:-}" == "--app" ]] && reqs=requirements-app.txt
 [[ "${1:-}" == "--dev" ]] && reqs=requirements-dev.txt
 
 # Java: TorchServe 0.12's frontend needs Java 17 or newer.
@@ -30,12 +32,31 @@ fi
 
 # Install only when the pinned requirements changed since the last successful install.
 stamp=.venv/.requirements-$(basename "$reqs" .txt).sha256
-want=$(cat requirements.txt "$reqs" | sha256sum | cut -d' ' -f1)
+want=$(cat requirements.txt requirements-app.txt "$reqs" | sha256sum | cut -d' ' -f1)
 if [[ "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
   say "installing pinned requirements ($reqs); torch is the CPU build, a few minutes on first run"
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -r "$reqs" \
     || die "pip install -r $reqs failed (see above)"
   echo "$want" > "$stamp"
+fi
+# --dev: the browser test drives Debian's chromium, the scale-out test runs Debian's nginx. Installed when
+# this user may (root or password-less sudo); otherwise those tests say how and are skipped.
+if [[ "$reqs" == requirements-dev.txt ]]; then
+  need=()
+  command -v chromium >/dev/null 2>&1 || need+=(chromium)
+  command -v nginx >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]] || need+=(nginx-light)
+  if ((${#need[@]})); then
+    if [[ "$(id -u)" == 0 ]]; then as_root=(); elif sudo -n true 2>/dev/null; then as_root=(sudo -n); else as_root=(none); fi
+    if [[ "${as_root[0]:-}" != none ]] && command -v apt-get >/dev/null 2>&1; then
+      say "installing ${need[*]} (Debian packages for the browser and nginx tests)"
+      apt() { "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get "$@" >/dev/null 2>&1; }
+      apt install -y -q --no-install-recommends "${need[@]}" \
+        || { apt update -q && apt install -y -q --no-install-recommends "${need[@]}"; } \
+        || say "warning: could not install ${need[*]}; their tests will be skipped (sudo apt-get install -y ${need[*]})"
+    else
+      say "warning: ${need[*]} not installed and no root: their tests will be skipped (sudo apt-get install -y ${need[*]})"
+    fi
+  fi
 fi
 .venv/bin/python -c 'import torch, ts, albumentations, resnest' 2>/dev/null \
   || die ".venv is broken; remove it (rm -rf .venv) and run this again"

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The browser page (client/app.py) against the running server, on http://127.0.0.1:8501.
+# Installs the optional web packages (requirements-app.txt) into .venv/ first. Extra arguments go to the
+# app, e.g.: scripts/app.sh --url https://host:8443 --cacert ca.pem
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+"$root/scripts/setup.sh" --app
+exec .venv/bin/streamlit run client/app.py --server.port "${APP_PORT:-8501}" -- "$@"
