@@ -1,0 +1,290 @@
+#!/usr/bin/env python3
+"""N TorchServe instances (one worker each, each pinned to a core) behind nginx, on one machine.
+
+    deploy/nginx/cluster.py start [--instances N] [--listen 127.0.0.1:8000]   # then:
+    curl -H "Authorization: Bearer $(deploy/nginx/cluster.py key)" -T lesion.jpg http://127.0.0.1:8000/predictions/melanoma
+    deploy/nginx/cluster.py refresh     # every 10 min (cron/systemd timer): renew expiring keys, reload nginx
+    deploy/nginx/cluster.py stop
+
+Clients present one gateway key (made at first start, kept in <workdir>/gateway_key, mode 600). nginx checks
+it and each hop injects its instance's own, current TorchServe inference key (TorchServe 0.12 gives every
+instance different keys and has no way to preset one). TorchServe's token auth stays on behind nginx.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "client"))
+from tsclient import read_properties, rotate_key, wait_ready  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+RENEW_BEFORE = dt.timedelta(hours=2)  # rotate an instance's key when it expires sooner than this
+
+
+class ClusterError(Exception):
+    pass
+
+
+@dataclass
+class Instance:
+    index: int
+    cpu: int
+    inference: int
+    management: int
+    metrics: int
+    hop: int
+    grpc_inference: int
+    grpc_management: int
+    workdir: str
+
+
+@dataclass
+class Cluster:
+    workdir: str
+    listen: str
+    store: str
+    instances: list[Instance]
+
+    @property
+    def work(self) -> Path:
+        return Path(self.workdir)
+
+    def save(self) -> None:
+        (self.work / "cluster.json").write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, workdir: Path) -> Cluster:
+        try:
+            d = json.loads((workdir / "cluster.json").read_text())
+        except OSError:
+            raise ClusterError(f"no cluster in {workdir} (run: cluster.py start)") from None
+        return cls(d["workdir"], d["listen"], d["store"], [Instance(**i) for i in d["instances"]])
+
+
+def nginx_binary() -> str:
+    found = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None)
+    if not found:
+        raise ClusterError("nginx not found: sudo apt-get install -y nginx-light (or nginx)")
+    return found
+
+
+def torchserve_binary() -> str:
+    venv = ROOT / ".venv" / "bin" / "torchserve"
+    found = str(venv) if venv.exists() else shutil.which("torchserve")
+    if not found:
+        raise ClusterError("torchserve not found: run scripts/setup.sh first")
+    return found
+
+
+def instance_env(inst: Instance) -> dict[str, str]:
+    # TMPDIR: TorchServe's pid file; java.io.tmpdir (vmargs): worker sockets. Private per instance.
+    bin_dir = str(Path(torchserve_binary()).parent)
+    return {**os.environ, "TMPDIR": inst.workdir, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
+
+
+def write_instance_config(cluster: Cluster, inst: Instance) -> Path:
+    props = read_properties(ROOT / "config.properties")
+    props.update({
+        "inference_address": f"http://127.0.0.1:{inst.inference}",
+        "management_address": f"http://127.0.0.1:{inst.management}",
+        "metrics_address": f"http://127.0.0.1:{inst.metrics}",
+        "grpc_inference_port": str(inst.grpc_inference),
+        "grpc_management_port": str(inst.grpc_management),
+        "model_store": cluster.store,
+        "vmargs": props["vmargs"] + f" -Djava.io.tmpdir={inst.workdir}",
+    })
+    path = Path(inst.workdir) / "config.properties"
+    path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+    return path
+
+
+def start_instance(cluster: Cluster, inst: Instance) -> None:
+    Path(inst.workdir).mkdir(parents=True, exist_ok=True)
+    (Path(inst.workdir) / "key_file.json").unlink(missing_ok=True)
+    cfg = write_instance_config(cluster, inst)
+    # taskset pins the JVM and its worker to one core; the worker then uses 1 torch thread
+    # (handler/pipeline.usable_cpus reads the affinity), so instances do not fight over cores.
+    cmd = ["taskset", "-c", str(inst.cpu), torchserve_binary(), "--start", "--ncs", "--ts-config", str(cfg)]
+    log = open(Path(inst.workdir) / "torchserve.out", "ab")
+    subprocess.run(cmd, cwd=inst.workdir, env=instance_env(inst), stdout=log, stderr=subprocess.STDOUT, check=True)
+
+
+def stop_instance(inst: Instance) -> None:
+    subprocess.run([torchserve_binary(), "--stop"], cwd=inst.workdir, env=instance_env(inst),
+                   capture_output=True, timeout=60)
+
+
+def instance_key(inst: Instance, kind: str = "inference") -> tuple[str, dt.datetime | None]:
+    data = json.loads((Path(inst.workdir) / "key_file.json").read_text())
+    entry = data[kind]
+    when = entry.get("expiration time")
+    expires = dt.datetime.fromisoformat(when[:26].rstrip("Z") + "+00:00") if when else None
+    return entry["key"], expires
+
+
+def render(cluster: Cluster) -> None:
+    """nginx.conf from the template, and one key include per instance (mode 600)."""
+    work = cluster.work
+    upstream = "\n".join(f"        server 127.0.0.1:{i.hop} max_fails=1 fail_timeout=5s;" for i in cluster.instances)
+    hops = "\n".join(
+        f"    server {{  # instance {i.index}: adds its key\n"
+        f"        listen 127.0.0.1:{i.hop};\n"
+        f"        location / {{\n"
+        f"            include {work}/keys/instance{i.index}.conf;\n"
+        f"            proxy_pass http://127.0.0.1:{i.inference};\n"
+        f"            proxy_http_version 1.1;\n"
+        f"            proxy_set_header Connection \"\";\n"
+        f"            proxy_connect_timeout 2s;\n"
+        f"            proxy_read_timeout 65s;\n"
+        f"        }}\n"
+        f"    }}" for i in cluster.instances)
+    text = (HERE / "nginx.conf.template").read_text()
+    for name, value in {"work": str(work), "listen": cluster.listen, "upstream_servers": upstream,
+                        "hops": hops}.items():
+        text = text.replace("${" + name + "}", value)  # nginx's own $variables stay as they are
+    (work / "nginx.conf").write_text(text)
+    write_keys(cluster)
+
+
+def write_secret(path: Path, text: str) -> bool:
+    """Write with mode 600 (atomically); True if the content changed."""
+    if path.exists() and path.read_text() == text:
+        return False
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return True
+
+
+def gateway_key(work: Path) -> str:
+    path = work / "gateway_key"
+    if not path.exists():
+        write_secret(path, secrets.token_urlsafe(32) + "\n")
+    return path.read_text().strip()
+
+
+def write_keys(cluster: Cluster) -> bool:
+    work = cluster.work
+    (work / "keys").mkdir(mode=0o700, exist_ok=True)
+    changed = write_secret(work / "gateway_key.conf",
+                           "map $http_authorization $gateway_ok {\n    default 0;\n"
+                           f"    \"Bearer {gateway_key(work)}\" 1;\n}}\n")
+    for inst in cluster.instances:
+        key, _ = instance_key(inst)
+        changed |= write_secret(work / "keys" / f"instance{inst.index}.conf",
+                                f"proxy_set_header Authorization \"Bearer {key}\";\n")
+    return changed
+
+
+def nginx(cluster: Cluster, *args: str) -> None:
+    cmd = [nginx_binary(), "-p", str(cluster.work), "-e", str(cluster.work / "logs" / "nginx_error.log"),
+           "-c", str(cluster.work / "nginx.conf"), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ClusterError(f"nginx {' '.join(args) or 'start'} failed: {proc.stderr.strip()[-500:]}")
+
+
+def start(cluster: Cluster, timeout: float = 240) -> None:
+    work = cluster.work
+    for sub in ("logs", "tmp"):
+        (work / sub).mkdir(parents=True, exist_ok=True)
+    for inst in cluster.instances:  # the JVMs start in parallel; their workers load while we wait
+        start_instance(cluster, inst)
+    for inst in cluster.instances:
+        mgmt = f"http://127.0.0.1:{inst.management}"
+        if not wait_ready(mgmt, Path(inst.workdir) / "key_file.json", timeout=timeout):
+            raise ClusterError(f"instance {inst.index} not ready within {timeout:.0f} s; see {inst.workdir}/logs")
+    cluster.save()
+    render(cluster)
+    nginx(cluster, "-t")
+    nginx(cluster)
+
+
+def refresh(cluster: Cluster) -> bool:
+    """Renew inference keys that expire soon (or were replaced by a restart) and reload nginx if any
+    key changed. Requests in flight finish on the old nginx workers, with the keys they were sent with."""
+    now = dt.datetime.now(dt.timezone.utc)
+    for inst in cluster.instances:
+        _, expires = instance_key(inst)
+        if expires is not None and expires - now < RENEW_BEFORE:
+            api, _ = instance_key(inst, "API")
+            if not rotate_key(f"http://127.0.0.1:{inst.management}", api, "inference"):
+                print(f"cluster: warning: could not rotate instance {inst.index}'s key", file=sys.stderr)
+    if write_keys(cluster):
+        nginx(cluster, "-s", "reload")
+        return True
+    return False
+
+
+def stop(cluster: Cluster) -> None:
+    pid_file = cluster.work / "nginx.pid"
+    if pid_file.exists():
+        try:
+            os.kill(int(pid_file.read_text().strip()), signal.SIGQUIT)  # graceful: finish in-flight requests
+        except (ValueError, ProcessLookupError):
+            pass
+    for inst in cluster.instances:
+        stop_instance(inst)
+    deadline = time.monotonic() + 10
+    while pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def plan(workdir: Path, store: Path, n: int, listen: str, first_port: int) -> Cluster:
+    cpus = sorted(os.sched_getaffinity(0))
+    instances = []
+    for i in range(n):
+        base = first_port + 10 * i
+        instances.append(Instance(i, cpus[i % len(cpus)], base, base + 1, base + 2, base + 3, base + 4, base + 5,
+                                  str(workdir / f"ts{i}")))
+    return Cluster(str(workdir), listen, str(store), instances)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", choices=["start", "stop", "refresh", "key"])
+    ap.add_argument("--workdir", default=str(ROOT / "run" / "cluster"), help="state, logs and keys")
+    ap.add_argument("--instances", type=int, default=len(os.sched_getaffinity(0)), help="default: one per core")
+    ap.add_argument("--listen", default="127.0.0.1:8000", help="nginx's address (default 127.0.0.1:8000)")
+    ap.add_argument("--store", default=str(ROOT / "model_store"), help="folder holding melanoma.mar")
+    ap.add_argument("--first-port", type=int, default=8100, help="instance i uses first-port + 10*i .. +5")
+    args = ap.parse_args(argv)
+    work = Path(args.workdir).resolve()
+    try:
+        if args.command == "start":
+            if not (Path(args.store) / "melanoma.mar").exists():
+                raise ClusterError(f"{args.store}/melanoma.mar not found: build it with ./build_mar.sh")
+            work.mkdir(parents=True, exist_ok=True)
+            os.chmod(work, 0o700)
+            cluster = plan(work, Path(args.store).resolve(), args.instances, args.listen, args.first_port)
+            start(cluster)
+            print(f"serving on http://{args.listen}: {args.instances} instance(s); key: cluster.py key")
+        elif args.command == "key":
+            print(gateway_key(work))
+        elif args.command == "refresh":
+            print("reloaded" if refresh(Cluster.load(work)) else "keys unchanged")
+        else:
+            stop(Cluster.load(work))
+    except (ClusterError, subprocess.CalledProcessError) as e:
+        print(f"cluster: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

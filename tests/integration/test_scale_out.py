@@ -1,0 +1,195 @@
+"""Two TorchServe instances behind Debian's nginx (deploy/nginx), on loopback: balanced, correct, and no
+request lost when one instance dies mid-load (nginx retries on the other, the client retries the rest)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+from harness import ROOT, free_ports, run_build
+from imaging import encode, lesion_rgb
+
+from handler.pipeline import load_archive
+
+pytestmark = pytest.mark.integration
+
+sys.path.insert(0, str(ROOT / "client"))
+from tsclient import Client  # noqa: E402
+
+
+def _cluster_module():  # noqa: ANN202
+    spec = importlib.util.spec_from_file_location("cluster", ROOT / "deploy" / "nginx" / "cluster.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["cluster"] = module  # dataclasses look their module up while the class is created
+    spec.loader.exec_module(module)
+    return module
+
+
+cl = _cluster_module()
+
+
+def require_nginx() -> None:
+    try:
+        cl.nginx_binary()
+    except cl.ClusterError as e:
+        if os.environ.get("MELANOMA_REQUIRE_SYSTEM_TOOLS"):
+            pytest.fail(str(e))
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped defaults (batch 1, 5 ms delay); no explain.pt: only predictions are balanced here."""
+    require_nginx()
+    s = tmp_path_factory.mktemp("scale") / "model_store"
+    s.mkdir()
+    run_build("--no-explain", output_dir=s)
+    return s
+
+
+@pytest.fixture(scope="module")
+def cluster(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    work = tmp_path_factory.mktemp("cluster")
+    cpus = sorted(os.sched_getaffinity(0))
+    ports = free_ports(2 * 6 + 1)
+    instances = [cl.Instance(i, cpus[i % len(cpus)], *ports[6 * i:6 * i + 6], str(work / f"ts{i}")) for i in range(2)]
+    c = cl.Cluster(str(work), f"127.0.0.1:{ports[-1]}", str(store), instances)
+    try:
+        cl.start(c)
+    except Exception:
+        cl.stop(c)
+        raise
+    yield c
+    cl.stop(c)
+
+
+def gateway(c: object) -> str:
+    return f"http://{c.listen}"
+
+
+def served_by(c: object) -> list[int]:
+    """Requests each instance's worker handled so far (from its model log)."""
+    out = []
+    for inst in c.instances:
+        log = Path(inst.workdir) / "logs" / "model_log.log"
+        out.append(log.read_text(errors="replace").count("batch of 1") if log.exists() else 0)
+    return out
+
+
+def throughput(client: Client, images: list[bytes], n: int) -> float:
+    t = time.perf_counter()
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda i: client.predict_bytes(images[i % len(images)]), range(n)))
+    return n / (time.perf_counter() - t)
+
+
+def test_balanced_correct_and_no_request_lost(cluster: object, store: Path) -> None:
+    key = cl.gateway_key(cluster.work)
+    offline = load_archive(store / "melanoma.mar", threads=1)
+    images = [encode(lesion_rgb(seed=70 + s)) for s in range(6)]
+    expected = [offline.score(d)["probability"] for d in images]
+    client = Client(gateway(cluster), token=key, retries=4, backoff=0.5, timeout=60)
+
+    # 1. every answer correct, both instances serve
+    before = served_by(cluster)
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda i: client.predict_bytes(images[i % 6]), range(24)))
+    assert all(abs(a["probability"] - expected[i % 6]) <= 1e-4 for i, a in enumerate(answers))
+    after = served_by(cluster)
+    assert all(b > a for a, b in zip(before, after, strict=True)), f"requests per instance: {before} -> {after}"
+
+    # 2. throughput through nginx with both instances (each pinned to its core, 1 torch thread)
+    two = throughput(client, images, 32)
+
+    # 3. kill -9 one whole instance (JVM + worker) mid-load: every request still gets its right answer
+    victim = cluster.instances[0]
+    results: dict[int, float] = {}
+    errors: list[str] = []
+
+    def one(i: int) -> None:
+        try:
+            results[i] = client.predict_bytes(images[i % 6])["probability"]
+        except Exception as e:  # collected, asserted below
+            errors.append(f"{i}: {e}")
+
+    def kill_later() -> None:
+        time.sleep(1.5)
+        pid = int((Path(victim.workdir) / ".model_server.pid").read_text().strip())
+        for p in [pid, *_children_of(pid)]:  # the JVM and its Python worker
+            os.kill(p, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_later)
+    killer.start()
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(one, range(40)))
+    killer.join()
+    assert not errors, errors
+    assert len(results) == 40 and all(abs(p - expected[i % 6]) <= 1e-4 for i, p in results.items())
+    assert requests.get(f"{gateway(cluster)}/ping", timeout=10).json()["status"] == "Healthy"
+
+    # 4. the same load on the one instance left, for the report
+    one_left = throughput(client, images, 32)
+    print(f"\nthroughput through nginx, 4 clients, 320x240 JPEGs: 2 instances {two:.2f} img/s, "
+          f"1 instance {one_left:.2f} img/s, ratio {two / one_left:.2f}x")
+    (cluster.work / "throughput.txt").write_text(f"{two:.3f} {one_left:.3f}\n")
+    assert statistics.fmean([two, one_left]) > 0
+
+
+def _children_of(pid: int) -> list[int]:
+    import psutil
+
+    try:
+        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def test_gateway_rules(cluster: object) -> None:
+    url = gateway(cluster)
+    data = encode(lesion_rgb(seed=80))
+    inst_key = cl.instance_key(cluster.instances[-1])[0]
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Bearer {inst_key}"}):
+        r = requests.post(f"{url}/predictions/melanoma", data=data, headers=headers, timeout=30)
+        assert r.status_code == 401 and "gateway key" in r.json()["error"]
+    h = {"Authorization": f"Bearer {cl.gateway_key(cluster.work)}"}
+    r = requests.post(f"{url}/predictions/melanoma", data=b"x" * (27 * 2**20), headers=h, timeout=60)
+    assert r.status_code == 413 and r.json()["code"] == 413  # JSON, unlike TorchServe's bare 413
+    r = requests.post(f"{url}/predictions/melanoma", data=b"not an image", headers=h, timeout=30)
+    assert r.status_code == 415 and "not an image" in r.json()["error"]
+    for path in ("/models", "/metrics", "/token?type=inference", "/predictions/other"):
+        assert requests.get(url + path, headers=h, timeout=10).status_code == 404, path
+    assert requests.get(f"{url}/ping", timeout=10).status_code in (200, 502, 503)
+    log = (cluster.work / "logs" / "nginx_access.log").read_text()
+    assert cl.gateway_key(cluster.work) not in log and inst_key not in log
+
+
+def test_refresh_rotates_expiring_keys_and_reloads(cluster: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    alive = [i for i in cluster.instances if (Path(i.workdir) / "logs").exists() and _serving(i)]
+    old = {i.index: cl.instance_key(i)[0] for i in alive}
+    monkeypatch.setattr(cl, "RENEW_BEFORE", cl.dt.timedelta(days=2))  # every key "expires soon"
+    assert cl.refresh(cluster) is True
+    h = {"Authorization": f"Bearer {cl.gateway_key(cluster.work)}"}
+    time.sleep(1)  # nginx reload
+    r = requests.post(f"{gateway(cluster)}/predictions/melanoma", data=encode(lesion_rgb(seed=81)), headers=h,
+                      timeout=60)
+    assert r.status_code == 200, r.text
+    for i in alive:
+        assert cl.instance_key(i)[0] != old[i.index]
+
+
+def _serving(inst: object) -> bool:
+    try:
+        requests.get(f"http://127.0.0.1:{inst.inference}/ping", timeout=2)
+        return True
+    except requests.RequestException:
+        return False
