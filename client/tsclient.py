@@ -81,11 +81,12 @@ def model_ready(management_url: str, key_file: Path, model: str = "melanoma") ->
     An expired management key is rotated with the API key from the same file."""
     for _ in range(2):
         key = read_key(key_file, "management")
-        if not key:
-            return False
+        if not key and key_file.exists():
+            return False  # being written
+        # No key file at all: token auth may be off (the SageMaker/KServe configs); then no header.
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
         try:
-            r = requests.get(f"{management_url.rstrip('/')}/models/{model}",
-                             headers={"Authorization": f"Bearer {key}"}, timeout=5)
+            r = requests.get(f"{management_url.rstrip('/')}/models/{model}", headers=headers, timeout=5)
         except requests.RequestException:
             return False
         if _key_refused(r):

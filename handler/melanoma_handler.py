@@ -61,8 +61,25 @@ def request_bytes(row: Mapping[str, Any]) -> bytes:
             raise InputError("the body looks like JSON but does not parse; " + HOW_TO_SEND)
         return bytes(value)
     if isinstance(value, str):
+        image = base64_image(value)
+        if image is not None:  # KServe v1 {"instances": [{"data": "<base64>"}]}, or a text field holding one
+            return image
         raise InputError(f"the body is text, not an image: {HOW_TO_SEND}", 415)
     raise InputError(f"unsupported body of type {type(value).__name__}: {HOW_TO_SEND}", 415)
+
+
+IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"RIFF", b"BM", b"II*\x00", b"MM\x00*")
+
+
+def base64_image(text: str) -> bytes | None:
+    """The decoded bytes if `text` is base64 (or a data URL) of something that starts like an image."""
+    if text.startswith("data:") and "," in text:
+        text = text.split(",", 1)[1]
+    try:
+        raw = base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return raw if raw.startswith(IMAGE_MAGIC) else None
 
 
 def wants_overlay(row: Mapping[str, Any], headers: Mapping[str, Any]) -> bool:
@@ -120,13 +137,20 @@ class MelanomaHandler(BaseHandler):
             self.cfg.threshold,
         )
         self.explainer: Explainer | None = None  # explain.pt is loaded on the first explanation only
+        self._inline = False
         self.initialized = True
 
-    def handle(self, data: list[Mapping[str, Any]], context: Any) -> list[str]:
-        responses: list[str] = [""] * len(data)
+    def handle(self, data: list[Mapping[str, Any]], context: Any) -> list[Any]:
+        # KServe's v1 envelope (service_envelope=kserve) hands us the "instances" of ONE request, each
+        # {"data": "<base64>"}: answer dicts, which it wraps in {"predictions": [...]}, with any error
+        # inline, since one HTTP status cannot speak for several instances.
+        self._inline = any(isinstance(row.get("data"), str) for row in data if isinstance(row, Mapping))
+        responses: list[Any] = [""] * len(data)
         index, tensors, payloads = [], [], []
         for i, row in enumerate(data):
             try:
+                if not isinstance(row, Mapping):
+                    raise InputError(f"each request must be an object, got {type(row).__name__}: {HOW_TO_SEND}")
                 payload = request_bytes(row)
                 tensors.append(load_tensor(payload, self.cfg))
                 payloads.append(payload)
@@ -174,8 +198,9 @@ class MelanomaHandler(BaseHandler):
             responses[i] = self._reply(context, i, body, 200)
         release_memory()  # autograd buffers of the backward pass: give them back (t2.micro)
 
-    @staticmethod
-    def _reply(context: Any, idx: int, body: dict[str, Any], status: int) -> str:
+    def _reply(self, context: Any, idx: int, body: dict[str, Any], status: int) -> Any:
+        if self._inline:
+            return body
         context.set_response_content_type(idx, JSON)
         if status != 200:
             context.set_response_status(status, PHRASES.get(status, "Error"), idx)

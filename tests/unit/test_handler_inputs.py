@@ -18,7 +18,8 @@ JPEG = b"\xff\xd8\xff\xe0 fake jpeg bytes"
     {"file": JPEG, "comment": b"left arm"},
     {"body": {"image": base64.b64encode(JPEG).decode()}},
     {"body": {"image": "data:image/jpeg;base64," + base64.b64encode(JPEG).decode()}},
-    {"foo": "1", "body": JPEG},  # query-string parameters arrive as extra fields
+    {"foo": "1", "body": JPEG},  # extra multipart fields are ignored
+    {"data": base64.b64encode(JPEG).decode()},  # a KServe v1 instance
 ])
 def test_ways_of_sending(row: dict) -> None:
     assert request_bytes(row) == JPEG
@@ -32,6 +33,7 @@ def test_ways_of_sending(row: dict) -> None:
     ({"body": {"image": "@@@"}}, 400, "base64"),
     ({"body": b'{"image": '}, 400, "looks like JSON"),
     ({"body": "plain text"}, 415, "text"),
+    ({"data": base64.b64encode(b"plain text").decode()}, 415, "text"),  # base64, but not of an image
     ({"body": [1, 2]}, 415, "list"),
 ])
 def test_bad_bodies(row: dict, status: int, words: str) -> None:

@@ -1,0 +1,6 @@
+#!/bin/sh
+# Container entry point. SageMaker starts containers as `docker run IMAGE serve`; plain `docker run IMAGE`
+# passes nothing. Both start TorchServe in the foreground with the image's config.
+set -e
+[ "${1:-}" = "serve" ] && shift
+exec torchserve --start --foreground --ncs --ts-config "${TS_CONFIG:-/srv/melanoma/config.properties}" "$@"

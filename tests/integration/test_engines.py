@@ -1,0 +1,70 @@
+"""The same .mar under the TorchServe settings KServe and SageMaker use, on real TorchServe (loopback):
+the v1 envelope of KServe's TorchServe runtime, and SageMaker's GET /ping + POST /invocations."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from harness import ROOT, Server, start_server, stop_server
+from imaging import encode, lesion_rgb
+
+from handler.pipeline import load_archive
+
+pytestmark = pytest.mark.integration
+
+
+def deploy_props(path: Path, keys: tuple[str, ...]) -> dict[str, str]:
+    text = (ROOT / path).read_text().splitlines()
+    pairs = dict(line.split("=", 1) for line in text if line and not line.startswith("#") and "=" in line)
+    return {k: pairs[k] for k in keys}
+
+
+@pytest.fixture(scope="module")
+def kserve(demo_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    overrides = deploy_props(Path("deploy/kserve/config/config.properties"),
+                             ("service_envelope", "disable_token_authorization"))
+    srv = start_server(demo_store, tmp_path_factory.mktemp("kserve"), overrides)
+    yield srv
+    stop_server(srv)
+
+
+@pytest.fixture(scope="module")
+def sagemaker(demo_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    overrides = deploy_props(Path("deploy/sagemaker/config.properties"), ("disable_token_authorization",))
+    srv = start_server(demo_store, tmp_path_factory.mktemp("sagemaker"), overrides)
+    yield srv
+    stop_server(srv)
+
+
+def test_kserve_v1_envelope(kserve: Server, demo_archive: Path) -> None:
+    offline = load_archive(demo_archive)
+    images = [encode(lesion_rgb(seed=90 + s)) for s in range(2)]
+    body = {"instances": [{"data": base64.b64encode(images[0]).decode()},
+                          {"data": base64.b64encode(b"not an image").decode()},
+                          {"data": base64.b64encode(images[1]).decode()}]}
+    r = requests.post(f"{kserve.url}/predictions/melanoma", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    assert len(preds) == 3
+    for img, pred in zip(images, (preds[0], preds[2]), strict=True):
+        assert abs(pred["probability"] - offline.score(img)["probability"]) <= 1e-4
+        assert pred["model"]["demo"] is True
+    assert preds[1]["code"] == 415 and "not an image" in preds[1]["error"]
+
+
+def test_sagemaker_ping_and_invocations(sagemaker: Server, demo_archive: Path) -> None:
+    offline = load_archive(demo_archive)
+    data = encode(lesion_rgb(seed=95))
+    ping = requests.get(f"{sagemaker.url}/ping", timeout=10)  # SageMaker's health check sends no header
+    assert ping.status_code == 200 and ping.json()["status"] == "Healthy"
+    r = requests.post(f"{sagemaker.url}/invocations", data=data,
+                      headers={"Content-Type": "application/octet-stream"}, timeout=120)
+    assert r.status_code == 200, r.text
+    assert abs(r.json()["probability"] - offline.score(data)["probability"]) <= 1e-4
+    bad = requests.post(f"{sagemaker.url}/invocations", data=b"text",
+                        headers={"Content-Type": "application/octet-stream"}, timeout=60)
+    assert bad.status_code == 415 and bad.json()["code"] == 415

