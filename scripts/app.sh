@@ -6,4 +6,6 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 "$root/scripts/setup.sh" --app
-exec .venv/bin/streamlit run client/app.py --server.port "${APP_PORT:-8501}" -- "$@"
+# Loopback unless APP_ADDRESS says otherwise (put HTTPS in front before exposing it).
+exec .venv/bin/streamlit run client/app.py --server.address "${APP_ADDRESS:-127.0.0.1}" \
+  --server.port "${APP_PORT:-8501}" -- "$@"
