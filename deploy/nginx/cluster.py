@@ -3,7 +3,7 @@
 
     deploy/nginx/cluster.py start [--instances N] [--listen 127.0.0.1:8000]   # then:
     curl -H "Authorization: Bearer $(deploy/nginx/cluster.py key)" -T lesion.jpg http://127.0.0.1:8000/predictions/melanoma
-    deploy/nginx/cluster.py refresh     # every 10 min (cron/systemd timer): renew expiring keys, reload nginx
+    deploy/nginx/cluster.py refresh     # every minute (melanoma-cluster-refresh.timer): renew keys, reload nginx
     deploy/nginx/cluster.py stop
 
 Clients present one gateway key (made at first start, kept in <workdir>/gateway_key, mode 600). nginx checks

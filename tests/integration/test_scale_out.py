@@ -158,6 +158,8 @@ def test_gateway_rules(cluster: object) -> None:
     url = gateway(cluster)
     data = encode(lesion_rgb(seed=80))
     inst_key = cl.instance_key(cluster.instances[-1])[0]
+    # why nginx swaps keys instead of passing the client's header through: each instance has its own
+    assert len({cl.instance_key(i)[0] for i in cluster.instances}) == len(cluster.instances)
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Bearer {inst_key}"}):
         r = requests.post(f"{url}/predictions/melanoma", data=data, headers=headers, timeout=30)
         assert r.status_code == 401 and "gateway key" in r.json()["error"]
