@@ -128,6 +128,55 @@ def inprocess(archive: Path, threads: int, repeats: int) -> dict[str, Any]:
     return out
 
 
+def precisions(archives: dict[str, Path], threads: int, repeats: int) -> dict[str, Any]:
+    """The same images through each archive's pipeline in one process: the 8-view latency of each precision
+    side by side (and its agreement figures from the build). Archives take turns in blocks (ABAB...), which
+    cancels drift without interleaving single calls: call-by-call alternation between two models measured
+    both ~10 % slower here (caches and oneDNN state shared by two sets of weights)."""
+    import torch
+
+    from handler.pipeline import load_archive
+
+    if threads == 1:
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    torch.set_num_threads(threads)
+    loaded = {name: load_archive(path, threads=threads) for name, path in archives.items()}
+    imgs = images()
+    for arch in loaded.values():
+        for data in imgs.values():
+            arch.score(data)
+    times: dict[str, dict[str, list[float]]] = {n: {k: [] for k in imgs} for n in loaded}
+    rounds = 3
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for n, arch in loaded.items():
+                for data in imgs.values():  # re-warm after the other archive's block
+                    arch.score(data)
+                for _ in range(max(1, repeats // rounds)):
+                    for k, data in imgs.items():
+                        times[n][k].append(timed(lambda d=data, a=arch: a.score(d)))
+    out: dict[str, Any] = {"threads": threads, "archives": {}}
+    for n, arch in loaded.items():
+        out["archives"][n] = {"precision": arch.metadata.get("precision", {"name": "fp32"}),
+                              **{k: stats(v) for k, v in times[n].items()}}
+    return out
+
+
+def build_bf16_demo(work: Path) -> Path:
+    """A demo bf16 archive, measured on 40 generated photos (bench only; real use: your own images)."""
+    from harness import run_build
+    from imaging import encode, lesion_rgb
+
+    cal = work / "calibration"
+    cal.mkdir(parents=True, exist_ok=True)
+    for i in range(40):
+        (cal / f"img{i:03d}.jpg").write_bytes(encode(lesion_rgb(seed=3000 + i)))
+    out = work / "bf16"
+    out.mkdir(exist_ok=True)
+    run_build("--precision", "bf16", "--calibration-dir", str(cal), "--no-explain", output_dir=out)
+    return out / "melanoma.mar"
+
+
 # ---------------------------------------------------------------------------------------------
 # Served: real TorchServe with our config.properties, one worker
 # ---------------------------------------------------------------------------------------------
@@ -284,6 +333,19 @@ def table(res: dict[str, Any]) -> str:
     add("|---|---|" + "---|" * len(res["inprocess"][0]["parts_ms"]))
     for ip in res["inprocess"]:
         add(f"| | {ip['threads']} | " + " | ".join(f"{v:.1f}" for v in ip["parts_ms"].values()) + " |")
+    for pr in res.get("precisions", []):
+        add("")
+        add(f"| precision, {pr['threads']} thread(s) | 128px JPEG median (p95) | 24MP JPEG median (p95) | "
+            "vs fp32 | max / mean abs dp at build |")
+        add("|---|---|---|---|---|")
+        base = pr["archives"]["fp32"]["128px"]["median_ms"]
+        for name, a in pr["archives"].items():
+            prec = a["precision"]
+            agree = (f"{prec['max_abs_dp']:.4f} / {prec['mean_abs_dp']:.4f} ({prec['images']} images)"
+                     if "max_abs_dp" in prec else "reference")
+            add(f"| {name} | {a['128px']['median_ms']:.0f} ms ({a['128px']['p95_ms']:.0f}) | "
+                f"{a['24MP']['median_ms']:.0f} ms ({a['24MP']['p95_ms']:.0f}) | "
+                f"{base / a['128px']['median_ms']:.2f}x | {agree} |")
     sv = res.get("served")
     if sv:
         ip2 = next(ip for ip in res["inprocess"] if ip["threads"] == max(i["threads"] for i in res["inprocess"]))
@@ -329,7 +391,11 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="seconds-long run: every figure, few repeats")
     ap.add_argument("--no-served", action="store_true", help="skip the TorchServe part")
     ap.add_argument("--out", default=str(RESULTS / "latest.json"))
+    ap.add_argument("--bf16", nargs="?", const="build", metavar="ARCHIVE",
+                    help="also time a bf16 archive against the fp32 one, side by side (built from the demo "
+                         "with generated calibration photos when no path is given)")
     ap.add_argument("--inprocess-child", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--precision-child", nargs=2, metavar=("ARCHIVE", "THREADS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.smoke:
         args.repeats, args.load_requests = 2, 4
@@ -337,6 +403,10 @@ def main() -> int:
 
     if args.inprocess_child:
         print(json.dumps(inprocess(archive, args.inprocess_child, args.repeats)))
+        return 0
+    if args.precision_child:
+        other, n = args.precision_child
+        print(json.dumps(precisions({"fp32": archive, "bf16": Path(other)}, int(n), args.repeats)))
         return 0
 
     if not archive.exists():
@@ -358,6 +428,18 @@ def main() -> int:
             print(proc.stderr, file=sys.stderr)
             return 1
         res["inprocess"].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    if args.bf16:
+        other = build_bf16_demo(Path(tempfile.mkdtemp(prefix="bench-bf16."))) if args.bf16 == "build" \
+            else Path(args.bf16)
+        res["precisions"] = []
+        for n in args.threads:
+            proc = subprocess.run([sys.executable, __file__, "--archive", str(archive), "--repeats",
+                                   str(args.repeats), "--precision-child", str(other), str(n)],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(proc.stderr, file=sys.stderr)
+                return 1
+            res["precisions"].append(json.loads(proc.stdout.strip().splitlines()[-1]))
     if not args.no_served:
         res["served"] = served(archive, args.repeats, args.load_requests)
     res["table"] = table(res)

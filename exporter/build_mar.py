@@ -24,6 +24,7 @@ import yaml
 
 from exporter.checkpoint import ARCHITECTURE, CheckpointError, file_sha256, load_checkpoint
 from exporter.export import EXPLAIN_LAYER, ExportError, demo_checkpoint, export_explainer, export_torchscript
+from exporter.precision import INT8_REFUSAL, PrecisionError, measure
 from handler.pipeline import (
     EXPLAIN_FILE,
     METADATA_FILE,
@@ -61,6 +62,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="TorchServe batchSize (default 1: on CPU a bigger batch is slower per image)")
     ap.add_argument("--max-batch-delay", type=int, default=5, help="TorchServe maxBatchDelay in ms (default 5)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in the worker (0: all usable CPUs)")
+    ap.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32",
+                    help="fp32 (default), or bf16: ~2x faster on CPUs with AVX512-BF16/AMX, measured on "
+                    "--calibration-dir first")
+    ap.add_argument("--calibration-dir", help="your images (ISIC-format folder) to measure a reduced precision on")
+    ap.add_argument("--calibration-labels", help="their labels (ISIC 2020 or 2019 CSV): also report both AUCs")
+    ap.add_argument("--max-delta", type=float, default=0.02,
+                    help="refuse a reduced-precision archive whose max |dp| vs fp32 exceeds this (default 0.02)")
+    ap.add_argument("--force-precision", action="store_true",
+                    help="write the reduced-precision archive even above --max-delta")
     ap.add_argument("--no-explain", action="store_true",
                     help="leave out explain.pt (Grad-CAM for /explanations): a ~105 MiB smaller archive")
     return ap.parse_args(argv)
@@ -95,6 +105,8 @@ def build(args: argparse.Namespace) -> Path:
         raise BuildError(f"{target} exists; pass --force to overwrite it")
     if not out_dir.is_dir():
         raise BuildError(f"output folder {out_dir} does not exist")
+    if not 0 < args.max_delta < 1:
+        raise BuildError("--max-delta must be between 0 and 1")
     if args.batch_size < 1 or args.max_batch_delay < 0 or args.threads < 0:
         raise BuildError("--batch-size must be >= 1, --max-batch-delay and --threads >= 0")
     try:
@@ -122,7 +134,23 @@ def build(args: argparse.Namespace) -> Path:
     for note in ckpt.notes:
         print(f"  note: {note}", file=sys.stderr)
 
+    if args.precision == "int8":
+        raise BuildError(INT8_REFUSAL)
+    if args.precision != "fp32" and not args.calibration_dir:
+        raise BuildError(f"--precision {args.precision} needs --calibration-dir: its scores must be measured "
+                         "against fp32 on your own images before it is served")
     model_bytes = export_torchscript(ckpt, cfg.image_size)
+    precision: dict[str, Any] = {"name": "fp32"}
+    if args.precision != "fp32":
+        reduced = export_torchscript(ckpt, cfg.image_size, args.precision)
+        labels = Path(args.calibration_labels) if args.calibration_labels else None
+        agreement = measure(model_bytes, reduced, args.precision, cfg, Path(args.calibration_dir), labels)
+        print(agreement.report(args.precision), file=sys.stderr)
+        if agreement.max_abs_dp > args.max_delta and not args.force_precision:
+            raise BuildError(f"{args.precision} differs from fp32 by up to {agreement.max_abs_dp:.4f} in probability "
+                             f"(> --max-delta {args.max_delta}); nothing written (--force-precision to override)")
+        precision = {"name": args.precision, "bound": args.max_delta, **agreement.to_mapping()}
+        model_bytes = reduced
     explain_bytes = None if args.no_explain else export_explainer(ckpt, cfg.image_size, EXPLAIN_LAYER)
     version = args.version or ("0.0-demo" if demo else "1.0")
 
@@ -141,6 +169,7 @@ def build(args: argparse.Namespace) -> Path:
             "weights_sha256": ckpt.sha256,
             "torchscript_sha256": file_sha256(model_path),
             "demo": demo,
+            "precision": precision,
             "explain": None if explain_bytes is None else {"file": EXPLAIN_FILE, "method": "grad-cam",
                                                            "layer": EXPLAIN_LAYER},
             "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -187,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         target = build(args)
-    except (BuildError, CheckpointError, ExportError) as e:
+    except (BuildError, CheckpointError, ExportError, PrecisionError) as e:
         print(f"build_mar: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # an unexpected failure still gets one line; the traceback on request

@@ -21,6 +21,8 @@ from handler.pipeline import (
     InputError,
     load_archive,
     load_tensor,
+    precision_of,
+    precision_warning,
     release_memory,
     result,
 )
@@ -130,9 +132,12 @@ class MelanomaHandler(BaseHandler):
         release_memory()
         if self.metadata.get("demo"):
             logger.warning("serving the untrained DEMO model: its scores mean nothing")
+        warning = precision_warning(precision_of(self.metadata))
+        if warning:
+            logger.warning(warning)
         logger.info(
-            "melanoma model %s (%s, sha256 %s) ready: %d threads, %d TTA views, threshold %.4f",
-            self.metadata.get("version"), self.metadata.get("checkpoint_form"),
+            "melanoma model %s (%s, %s, sha256 %s) ready: %d threads, %d TTA views, threshold %.4f",
+            self.metadata.get("version"), self.metadata.get("checkpoint_form"), precision_of(self.metadata),
             str(self.metadata.get("weights_sha256"))[:12], archive.threads, self.cfg.tta_views,
             self.cfg.threshold,
         )

@@ -208,17 +208,20 @@ def view_probabilities(logits: torch.Tensor, n: int, views: int) -> torch.Tensor
 Model = Callable[[torch.Tensor], torch.Tensor]
 
 
-def load_model(source: bytes | str | os.PathLike[str]) -> torch.jit.ScriptModule:
+def load_model(source: bytes | str | os.PathLike[str], precision: str = "fp32") -> torch.jit.ScriptModule:
     """Load the archive's frozen TorchScript and optimise it for this CPU.
 
     optimize_for_inference (oneDNN prepacked convolutions, conv-BN folding) measured ~15-25 % faster
     than the frozen module here, but its result cannot be saved and reloaded, so it runs at load time.
+    A bf16 archive is served frozen as it is (channels-last bf16 measured faster without it).
     The build verifies exactly this load path against the eager model.
     """
     # From a path when there is one: reading the file into bytes first would hold a second copy
     # of the weights (~115 MB) in the worker for as long as the allocator keeps it.
     f = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else str(source)
     model = torch.jit.load(f, map_location="cpu").eval()
+    if precision != "fp32":
+        return model
     try:
         return torch.jit.optimize_for_inference(model)
     except Exception as e:  # pragma: no cover - depends on the CPU/oneDNN build
@@ -274,6 +277,7 @@ def result(probability: float, cfg: PipelineConfig, model_info: Mapping[str, Any
             "version": model_info.get("version", ""),
             "weights_sha256": model_info.get("weights_sha256", ""),
             "demo": bool(model_info.get("demo", False)),
+            "precision": precision_of(model_info),
         },
     }
     if out["model"]["demo"]:
@@ -348,4 +352,30 @@ def load_archive(path: str | os.PathLike[str], threads: int | None = None,
     metadata = json.loads(read(METADATA_FILE))
     threads = threads or int(section.get("threads") or 0) or usable_cpus()
     torch.set_num_threads(threads)
-    return LoadedArchive(Scorer(load_model(model_source), cfg), cfg, metadata, threads, p)
+    model = load_model(model_source, precision_of(metadata))
+    return LoadedArchive(Scorer(model, cfg), cfg, metadata, threads, p)
+
+
+def precision_of(metadata: Mapping[str, Any]) -> str:
+    return str((metadata.get("precision") or {}).get("name", "fp32"))
+
+
+# CPU features without which a precision runs slower than fp32 (oneDNN emulates bf16 otherwise).
+PRECISION_CPU_FLAGS = {"bf16": ("avx512_bf16", "amx_bf16")}
+
+
+def precision_warning(precision: str, cpuinfo: str | None = None) -> str | None:
+    """A warning when this CPU lacks the instructions that make `precision` fast, else None."""
+    flags_needed = PRECISION_CPU_FLAGS.get(precision)
+    if not flags_needed:
+        return None
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return f"cannot read /proc/cpuinfo to check that this CPU runs {precision} at speed"
+    flags = set(next((ln.split(":", 1)[1].split() for ln in cpuinfo.splitlines() if ln.startswith("flags")), []))
+    if flags & set(flags_needed):
+        return None
+    return (f"this archive is {precision}, but this CPU has none of {', '.join(flags_needed)}: {precision} is "
+            f"emulated and slower than fp32 here; build the archive with --precision fp32 for this machine")

@@ -181,6 +181,6 @@ def test_result_schema_and_demo_warning() -> None:
     info = {"name": "melanoma", "version": "0.0-demo", "weights_sha256": "ab", "demo": True}
     r = result(0.7, PipelineConfig(threshold=0.6), info)
     assert r["label"] == "malignant" and r["threshold"] == 0.6 and r["tta_views"] == 8
-    assert r["model"] == info and "DEMO" in r["warning"]
+    assert r["model"] == {**info, "precision": "fp32"} and "DEMO" in r["warning"]
     r2 = result(0.59, PipelineConfig(threshold=0.6), {**info, "demo": False})
     assert r2["label"] == "benign" and "warning" not in r2
