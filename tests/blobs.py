@@ -30,6 +30,31 @@ def random_center(rng: np.random.Generator, size: int, radius: float) -> tuple[f
     return float(rng.uniform(lo, hi)), float(rng.uniform(lo, hi))
 
 
+def fit_head(model: nn.Module, x: torch.Tensor, y: torch.Tensor, l2: float = 1e-3) -> None:
+    """Replace model.fc by a logistic regression of y on the pooled features of x (in place)."""
+    fc = model.fc
+    model.fc = nn.Identity()
+    with torch.no_grad():
+        feats = torch.cat([model(x[i:i + 32]) for i in range(0, len(x), 32)])
+    model.fc = fc
+    mu, sd = feats.mean(0), feats.std()  # one global scale: no feature's weight is blown up
+    z = (feats - mu) / sd
+    w = torch.zeros(z.shape[1], requires_grad=True)
+    b = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=200)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = nn.functional.binary_cross_entropy_with_logits(z @ w + b, y.float()) + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():  # fold the standardisation into the fc layer
+        fc.weight.copy_((w / sd)[None])
+        fc.bias.copy_(b - (w * mu / sd).sum())
+
+
 def blob_checkpoint(size: int = 256, radius: float = 28, n: int = 48, seed: int = 7) -> LoadedCheckpoint:
     """The demo backbone with a logistic-regression head fitted on pooled features to tell
     blob images from blank ones: a model whose logit responds to the blob, wherever it is."""
@@ -41,27 +66,5 @@ def blob_checkpoint(size: int = 256, radius: float = 28, n: int = 48, seed: int 
         has = i % 2 == 0
         images.append(blob_image(size, random_center(rng, size, radius) if has else None, radius, seed + i))
         targets.append(float(has))
-    x = torch.stack([preprocess(im, cfg) for im in images])
-    fc = model.fc
-    model.fc = nn.Identity()
-    with torch.no_grad():
-        feats = model(x)
-    model.fc = fc
-    mu, sd = feats.mean(0), feats.std()  # one global scale: no feature's weight is blown up
-    z = (feats - mu) / sd
-    y = torch.tensor(targets)
-    w = torch.zeros(z.shape[1], requires_grad=True)
-    b = torch.zeros(1, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=200)
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = nn.functional.binary_cross_entropy_with_logits(z @ w + b, y) + 1e-3 * (w * w).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    with torch.no_grad():  # fold the standardisation into the fc layer
-        fc.weight.copy_((w / sd)[None])
-        fc.bias.copy_(b - (w * mu / sd).sum())
+    fit_head(model, torch.stack([preprocess(im, cfg) for im in images]), torch.tensor(targets))
     return LoadedCheckpoint(model, 1, "blob-fitted test model", "blob", ["head fitted to a dark blob"])
