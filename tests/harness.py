@@ -3,6 +3,7 @@ integration tests and the bench. Nothing here is a mock."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import signal
@@ -68,8 +69,16 @@ class Server:
         return requests.post(f"{self.url}/predictions/melanoma", data=body, headers=h, timeout=120, **kw)
 
     def log(self, name: str = "model_log.log") -> str:
-        p = self.workdir / "logs" / name
-        return p.read_text(errors="replace") if p.exists() else ""
+        return read_log(self.workdir / "logs", name)
+
+
+def read_log(logs: Path, name: str = "model_log.log") -> str:
+    """A TorchServe log whole, including what it rolled over at midnight (model_log.25-Nov.log.gz)."""
+    stem = name.removesuffix(".log")
+    parts = [gzip.decompress(f.read_bytes()).decode(errors="replace")
+             for f in sorted(logs.glob(f"{stem}.*.log.gz"), key=lambda f: f.stat().st_mtime)]
+    current = logs / name
+    return "".join(parts) + (current.read_text(errors="replace") if current.exists() else "")
 
 
 def server_properties(store: Path, workdir: Path, overrides: dict[str, str] | None = None) -> dict[str, str]:

@@ -24,7 +24,7 @@ import psutil
 import pytest
 import requests
 import torch
-from harness import ROOT, Server, run_build, start_server, stop_server, worker_pids
+from harness import ROOT, Server, read_log, run_build, start_server, stop_server, worker_pids
 from imaging import encode, jpeg_with_orientation, lesion_rgb, png_header_only
 from PIL import Image
 
@@ -368,7 +368,8 @@ def is_loopback(ip: str) -> bool:
 
 def test_no_key_in_logs(live: Server) -> None:
     keys = list(live.keys().values())
-    text = "".join(p.read_text(errors="replace") for p in (live.workdir / "logs").glob("*.log"))
+    logs = live.workdir / "logs"
+    text = "".join(read_log(logs, p.name) for p in logs.glob("*.log"))  # rolled-over days included
     text += (live.workdir / "torchserve.out").read_text(errors="replace")
     leaked = [k for k in keys if k in text]
     record("Access", "keys in the server's logs", "none", f"{len(leaked)} of {len(keys)} keys found", not leaked)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from harness import ROOT, free_ports, run_build
+from harness import ROOT, free_ports, read_log, run_build
 from imaging import encode, lesion_rgb
 
 from handler.pipeline import load_archive
@@ -81,8 +81,7 @@ def served_by(c: object) -> list[int]:
     """Requests each instance's worker handled so far (from its model log)."""
     out = []
     for inst in c.instances:
-        log = Path(inst.workdir) / "logs" / "model_log.log"
-        out.append(log.read_text(errors="replace").count("batch of 1") if log.exists() else 0)
+        out.append(read_log(Path(inst.workdir) / "logs").count("batch of 1"))
     return out
 
 
