@@ -172,7 +172,8 @@ class MelanomaHandler(BaseHandler):
                 for i in index:
                     responses[i] = self._reply(context, i, body, 500)
                 return responses
-            explain = [j for j, i in enumerate(index) if is_explanation(context, i)]
+            # Inline (KServe envelope): every instance belongs to request 0 and shares its headers.
+            explain = [j for j, i in enumerate(index) if is_explanation(context, 0 if self._inline else i)]
             for j, (i, p) in enumerate(zip(index, probabilities, strict=True)):
                 if j not in explain:
                     responses[i] = self._reply(context, i, result(p, self.cfg, self.metadata), 200)
@@ -188,7 +189,8 @@ class MelanomaHandler(BaseHandler):
             if self.explainer is None:
                 self.explainer = load_explainer(self._archive)
             bodies = explain_images(self.explainer, payloads, probabilities, self.metadata,
-                                    [wants_overlay(data[i], request_headers(context, i)) for i in index])
+                                    [wants_overlay(data[i], request_headers(context, 0 if self._inline else i))
+                                     for i in index])
         except InputError as e:
             for i in index:
                 responses[i] = self._reply(context, i, {"error": str(e), "code": e.status}, e.status)
