@@ -45,6 +45,25 @@ def read_properties(path: Path) -> dict[str, str]:
     return props
 
 
+def instance_properties(ports: Sequence[int], store: str | Path, private_dir: str | Path,
+                        base: Path | None = None) -> dict[str, str]:
+    """The repository's config.properties for one of several TorchServe instances on this machine:
+    `ports` = inference, management, metrics, gRPC inference, gRPC management (all loopback), and a
+    private java.io.tmpdir, where TorchServe puts its worker sockets (shared, they would collide)."""
+    props = read_properties(base or ROOT / "config.properties")
+    inf, mgmt, met, g1, g2 = ports
+    props.update({
+        "inference_address": f"http://127.0.0.1:{inf}",
+        "management_address": f"http://127.0.0.1:{mgmt}",
+        "metrics_address": f"http://127.0.0.1:{met}",
+        "grpc_inference_port": str(g1),
+        "grpc_management_port": str(g2),
+        "model_store": str(store),
+        "vmargs": props["vmargs"] + f" -Djava.io.tmpdir={private_dir}",
+    })
+    return props
+
+
 def management_address(config: Path) -> str:
     return read_properties(config).get("management_address", "http://127.0.0.1:8081")
 

@@ -32,9 +32,9 @@ from handler.pipeline import (
 # map would be ~200 MB of JSON (TorchServe's max_response_size is 6.5 MB by default).
 MAX_HEATMAP_SIDE = 256
 DECIMALS = 4
-# A stage's activations must reproduce the served logit; a larger gap means explain.pt does not
-# belong to this model.pt, and no heatmap is better than a wrong one.
-LOGIT_TOLERANCE = 1e-3
+# explain.pt must reproduce the served probability; a larger gap means it does not belong to this
+# model.pt, and no heatmap is better than a wrong one.
+P_TOLERANCE = 1e-3
 
 
 def untta(maps: torch.Tensor, n: int, views: int) -> torch.Tensor:
@@ -131,14 +131,17 @@ def overlay_png(rgb: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> bytes
 
 
 def explain_images(explainer: Explainer, images: Sequence[bytes], probabilities: Sequence[float],
-                   model_info: Mapping[str, Any], overlay: Sequence[bool]) -> list[dict[str, Any]]:
-    """Responses for images whose probabilities pipeline.Scorer gave: result() plus `explanation`."""
+                   model_info: Mapping[str, Any], overlay: Sequence[bool],
+                   tensors: Sequence[torch.Tensor] | None = None) -> list[dict[str, Any]]:
+    """Responses for images whose probabilities pipeline.Scorer gave: result() plus `explanation`.
+    `tensors`: the images already preprocessed for that score (else they are decoded here)."""
     cfg = explainer.cfg
     # explain.pt is always fp32: beside a bf16 model.pt the two agree only within the build's measured bound.
     precision = model_info.get("precision") or {}
-    tolerance = max(LOGIT_TOLERANCE, 2 * float(precision.get("bound", 0.0)))
-    rgbs = [decode_image(d, cfg) for d in images]
-    cams, logits = explainer.cams([preprocess(rgb, cfg) for rgb in rgbs])
+    tolerance = max(P_TOLERANCE, 2 * float(precision.get("bound", 0.0)))
+    if tensors is None:
+        tensors = [preprocess(decode_image(d, cfg), cfg) for d in images]
+    cams, logits = explainer.cams(tensors)
     check = torch.sigmoid(logits.double().reshape(cfg.tta_views, len(images))).mean(dim=0)
     out = []
     for i, data in enumerate(images):
@@ -162,6 +165,7 @@ def explain_images(explainer: Explainer, images: Sequence[bytes], probabilities:
             "no_positive_evidence": bool(cams[i].max() <= 0),
         }
         if overlay[i]:
-            body["explanation"]["overlay_png"] = base64.b64encode(overlay_png(rgbs[i], heat)).decode()
+            png = overlay_png(decode_image(data, cfg), heat)  # the photo itself is needed only here
+            body["explanation"]["overlay_png"] = base64.b64encode(png).decode()
         out.append(body)
     return out

@@ -178,19 +178,19 @@ class MelanomaHandler(BaseHandler):
                 if j not in explain:
                     responses[i] = self._reply(context, i, result(p, self.cfg, self.metadata), 200)
             if explain:
-                self._explain(context, data, responses, [index[j] for j in explain],
-                              [payloads[j] for j in explain], [probabilities[j] for j in explain])
+                self._explain(context, data, responses, [index[j] for j in explain], [payloads[j] for j in explain],
+                              [probabilities[j] for j in explain], [tensors[j] for j in explain])
         return responses
 
     def _explain(self, context: Any, data: list[Mapping[str, Any]], responses: list[str], index: list[int],
-                 payloads: list[bytes], probabilities: list[float]) -> None:
+                 payloads: list[bytes], probabilities: list[float], tensors: list[torch.Tensor]) -> None:
         """Grad-CAM for the requests sent to /explanations; the probability is the one just computed."""
         try:
             if self.explainer is None:
                 self.explainer = load_explainer(self._archive)
             bodies = explain_images(self.explainer, payloads, probabilities, self.metadata,
                                     [wants_overlay(data[i], request_headers(context, 0 if self._inline else i))
-                                     for i in index])
+                                     for i in index], tensors)
         except InputError as e:
             for i in index:
                 responses[i] = self._reply(context, i, {"error": str(e), "code": e.status}, e.status)

@@ -18,7 +18,7 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = ROOT / ".venv" / "bin"
 sys.path.insert(0, str(ROOT / "client"))
-from tsclient import read_properties, wait_ready  # noqa: E402
+from tsclient import instance_properties, wait_ready  # noqa: E402
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -81,20 +81,20 @@ def read_log(logs: Path, name: str = "model_log.log") -> str:
     return "".join(parts) + (current.read_text(errors="replace") if current.exists() else "")
 
 
+def missing_system_tool(message: str) -> None:
+    """A Debian package a test needs is absent: fail in CI (.ci/run sets MELANOMA_REQUIRE_SYSTEM_TOOLS),
+    else skip with the message saying how to install it."""
+    import pytest
+
+    if os.environ.get("MELANOMA_REQUIRE_SYSTEM_TOOLS"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def server_properties(store: Path, workdir: Path, overrides: dict[str, str] | None = None) -> dict[str, str]:
-    """The repo's config.properties, with free loopback ports and a private temp dir."""
-    props = read_properties(ROOT / "config.properties")
-    inf, mgmt, met, g1, g2 = free_ports(5)
-    props.update({
-        "inference_address": f"http://127.0.0.1:{inf}",
-        "management_address": f"http://127.0.0.1:{mgmt}",
-        "metrics_address": f"http://127.0.0.1:{met}",
-        "grpc_inference_port": str(g1),
-        "grpc_management_port": str(g2),
-        "model_store": str(store),
-        # worker sockets go to java.io.tmpdir: private, so tests never collide with a running server
-        "vmargs": props["vmargs"] + f" -Djava.io.tmpdir={workdir}",
-    })
+    """The repo's config.properties, with free loopback ports and a private temp dir (so tests never
+    collide with a running server)."""
+    props = instance_properties(free_ports(5), store, workdir)
     props.update(overrides or {})
     return props
 

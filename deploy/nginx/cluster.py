@@ -28,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "client"))
-from tsclient import read_properties, rotate_key, wait_ready  # noqa: E402
+from tsclient import instance_properties, rotate_key, wait_ready  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RENEW_BEFORE = dt.timedelta(hours=2)  # rotate an instance's key when it expires sooner than this
@@ -96,16 +96,8 @@ def instance_env(inst: Instance) -> dict[str, str]:
 
 
 def write_instance_config(cluster: Cluster, inst: Instance) -> Path:
-    props = read_properties(ROOT / "config.properties")
-    props.update({
-        "inference_address": f"http://127.0.0.1:{inst.inference}",
-        "management_address": f"http://127.0.0.1:{inst.management}",
-        "metrics_address": f"http://127.0.0.1:{inst.metrics}",
-        "grpc_inference_port": str(inst.grpc_inference),
-        "grpc_management_port": str(inst.grpc_management),
-        "model_store": cluster.store,
-        "vmargs": props["vmargs"] + f" -Djava.io.tmpdir={inst.workdir}",
-    })
+    ports = (inst.inference, inst.management, inst.metrics, inst.grpc_inference, inst.grpc_management)
+    props = instance_properties(ports, cluster.store, inst.workdir)
     path = Path(inst.workdir) / "config.properties"
     path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
     return path

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from harness import ROOT, free_ports, read_log, run_build
+from harness import ROOT, free_ports, missing_system_tool, read_log, run_build
 from imaging import encode, lesion_rgb
 
 from handler.pipeline import load_archive
@@ -42,9 +42,7 @@ def require_nginx() -> None:
     try:
         cl.nginx_binary()
     except cl.ClusterError as e:
-        if os.environ.get("MELANOMA_REQUIRE_SYSTEM_TOOLS"):
-            pytest.fail(str(e))
-        pytest.skip(str(e))
+        missing_system_tool(str(e))
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
-from harness import ROOT, VENV_BIN, Server, free_ports
+from harness import ROOT, VENV_BIN, Server, free_ports, missing_system_tool
 from imaging import encode, lesion_rgb
 
 pytestmark = pytest.mark.integration
@@ -28,10 +28,7 @@ CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first
 def chromium() -> str:
     path = shutil.which("chromium") or shutil.which("chromium-browser")
     if path is None:
-        msg = "Debian's chromium is needed for the browser test: sudo apt-get install -y chromium"
-        if os.environ.get("MELANOMA_REQUIRE_SYSTEM_TOOLS"):
-            pytest.fail(msg)
-        pytest.skip(msg)
+        missing_system_tool("Debian's chromium is needed for the browser test: sudo apt-get install -y chromium")
     return path
 
 
