@@ -23,9 +23,17 @@ from typing import Any
 import yaml
 
 from exporter.checkpoint import ARCHITECTURE, CheckpointError, file_sha256, load_checkpoint
-from exporter.export import EXPLAIN_LAYER, ExportError, demo_checkpoint, export_explainer, export_torchscript
-from exporter.precision import INT8_REFUSAL, PrecisionError, measure
+from exporter.export import (
+    EXPLAIN_LAYER,
+    ExportError,
+    demo_checkpoint,
+    export_bf16,
+    export_explainer,
+    export_torchscript,
+)
+from exporter.precision import INT8_REFUSAL, PrecisionError, calibration_images, measure
 from handler.pipeline import (
+    BF16_MODEL_FILE,
     EXPLAIN_FILE,
     METADATA_FILE,
     MODEL_CONFIG_FILE,
@@ -64,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=0, help="torch threads in the worker (0: all usable CPUs)")
     ap.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32",
                     help="fp32 (default), or bf16: ~2x faster on CPUs with AVX512-BF16/AMX, measured on "
-                    "--calibration-dir first")
+                    "--calibration-dir first; compiled for this CPU and torch (needs g++)")
     ap.add_argument("--calibration-dir", help="your images (ISIC-format folder) to measure a reduced precision on")
     ap.add_argument("--calibration-labels", help="their labels (ISIC 2020 or 2019 CSV): also report both AUCs")
     ap.add_argument("--max-delta", type=float, default=0.02,
@@ -139,24 +147,29 @@ def build(args: argparse.Namespace) -> Path:
     if args.precision != "fp32" and not args.calibration_dir:
         raise BuildError(f"--precision {args.precision} needs --calibration-dir: its scores must be measured "
                          "against fp32 on your own images before it is served")
+    if args.precision != "fp32":
+        calibration_images(Path(args.calibration_dir))  # a wrong folder fails now, not after the compile
+        # Compile (about a minute) before anything else is exported, so that a machine without a
+        # compiler fails in seconds.
+        reduced, compiled = export_bf16(ckpt, cfg.image_size)
     model_bytes = export_torchscript(ckpt, cfg.image_size)
     precision: dict[str, Any] = {"name": "fp32"}
+    model_file = MODEL_FILE
     if args.precision != "fp32":
-        reduced = export_torchscript(ckpt, cfg.image_size, args.precision)
         labels = Path(args.calibration_labels) if args.calibration_labels else None
         agreement = measure(model_bytes, reduced, args.precision, cfg, Path(args.calibration_dir), labels)
         print(agreement.report(args.precision), file=sys.stderr)
         if agreement.max_abs_dp > args.max_delta and not args.force_precision:
             raise BuildError(f"{args.precision} differs from fp32 by up to {agreement.max_abs_dp:.4f} in probability "
                              f"(> --max-delta {args.max_delta}); nothing written (--force-precision to override)")
-        precision = {"name": args.precision, "bound": args.max_delta, **agreement.to_mapping()}
-        model_bytes = reduced
+        precision = {"name": args.precision, "bound": args.max_delta, **agreement.to_mapping(), **compiled}
+        model_bytes, model_file = reduced, BF16_MODEL_FILE
     explain_bytes = None if args.no_explain else export_explainer(ckpt, cfg.image_size, EXPLAIN_LAYER)
     version = args.version or ("0.0-demo" if demo else "1.0")
 
     with tempfile.TemporaryDirectory(prefix="build_mar.") as tmp_s:
         tmp = Path(tmp_s)
-        model_path = tmp / MODEL_FILE
+        model_path = tmp / model_file
         model_path.write_bytes(model_bytes)
         meta = {
             "name": args.model_name,
@@ -167,7 +180,8 @@ def build(args: argparse.Namespace) -> Path:
             "checkpoint_form": ckpt.form,
             "source_file": source,
             "weights_sha256": ckpt.sha256,
-            "torchscript_sha256": file_sha256(model_path),
+            "model_file": model_file,
+            "model_sha256": file_sha256(model_path),
             "demo": demo,
             "precision": precision,
             "explain": None if explain_bytes is None else {"file": EXPLAIN_FILE, "method": "grad-cam",

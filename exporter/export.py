@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import copy
 import io
+import os
+import shutil
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,12 +44,15 @@ class ExportError(Exception):
 
 
 PRECISIONS = ("fp32", "bf16")
-BF16_TOLERANCE = 0.1  # max |logit(trace) - logit(eager bf16)|: both bf16, only op order differs
+# bf16 export vs the fp32 eager model: bf16 keeps 8 significant bits, so its logit error grows with the
+# logit (a trained head's logits reach |50| on noise inputs, where bf16's spacing is 0.25). A wrong graph
+# misses by the size of the logit itself; the scores' real agreement is measured on the user's images.
+BF16_TOLERANCE, BF16_RELATIVE = 0.1, 0.02
 
 
 class Bfloat16Logit(nn.Module):
-    """The model in bfloat16 weights and channels-last activations (oneDNN's fastest bf16 path here,
-    ~2x fp32 on AVX512-BF16); takes and returns float32, so the pipeline around it is unchanged."""
+    """The model in bfloat16 weights and channels-last activations; takes and returns float32, so the
+    pipeline around it is unchanged."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -88,16 +96,11 @@ def demo_checkpoint(image_size: int = 128) -> LoadedCheckpoint:
     return LoadedCheckpoint(model, 1, "demo", tensors_sha256(sd), ["untrained demo weights"])
 
 
-def export_torchscript(ckpt: LoadedCheckpoint, image_size: int, precision: str = "fp32") -> bytes:
+def export_torchscript(ckpt: LoadedCheckpoint, image_size: int) -> bytes:
     """Trace and freeze; return the serialized file after verifying it (reloaded and optimised exactly
     as handler/pipeline.py loads it) against the eager model: the bytes checked are the bytes shipped.
-    Raises ExportError if they disagree. bf16 is verified against the eager model in bf16 here; its
-    agreement with fp32 is measured on the user's images by build_mar.py."""
-    if precision not in PRECISIONS:
-        raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision}")
-    eager: nn.Module = MalignancyLogit(ckpt.module, ckpt.outputs).eval()
-    if precision == "bf16":
-        eager = Bfloat16Logit(copy.deepcopy(eager)).eval()
+    Raises ExportError if they disagree."""
+    eager = MalignancyLogit(ckpt.module, ckpt.outputs).eval()
     example = torch.randn(2, 3, image_size, image_size)
     with torch.inference_mode():
         traced = torch.jit.trace(eager, example, check_trace=False)
@@ -105,9 +108,60 @@ def export_torchscript(ckpt: LoadedCheckpoint, image_size: int, precision: str =
     buf = io.BytesIO()
     torch.jit.save(frozen, buf)
     data = buf.getvalue()
-    verify(eager, load_model(data, precision), image_size,
-           TRACE_TOLERANCE if precision == "fp32" else BF16_TOLERANCE)
+    verify(eager, load_model(data), image_size)
     return data
+
+
+# Inductor's -m flags -> the /proc/cpuinfo flags a CPU needs to run the compiled kernels.
+_ISA_FLAG_NAMES = {"avx512vnni": "avx512_vnni", "avx512bf16": "avx512_bf16", "avx512fp16": "avx512_fp16",
+                   "amx-tile": "amx_tile", "amx-bf16": "amx_bf16", "amx-int8": "amx_int8", "amx-fp16": "amx_fp16"}
+
+
+def cpu_flags_for(arch_flags: str) -> list[str]:
+    """'-mavx512f -mfma -mavx512vnni' -> ['avx512_vnni', 'avx512f', 'fma']."""
+    names = {f[2:] for f in arch_flags.split() if f.startswith("-m") and not f.startswith("-march")}
+    return sorted({_ISA_FLAG_NAMES.get(n, n.replace("-", "_")) for n in names})
+
+
+def export_bf16(ckpt: LoadedCheckpoint, image_size: int) -> tuple[bytes, dict[str, Any]]:
+    """The model in bf16, compiled ahead of time by AOTInductor into a .pt2 package.
+
+    Why not TorchScript: its best bf16 (channels-last, frozen) ran the 8-view forward only 1.6-1.9x faster
+    than fp32 here, its fused-kernel paths (oneDNN Graph) 3x slower; Inductor fuses the split-attention
+    blocks' element-wise work and runs 1.9-2.2x (docs/PRECISION.md). The package holds native code for
+    this CPU's vector ISA and this torch: both are recorded, and the loader refuses a mismatch rather
+    than crash. Needs a C++ compiler now, none at serving time. Returns the package and what it needs.
+    """
+    cxx = os.environ.get("CXX")
+    compiler = shutil.which(cxx) if cxx else shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        raise ExportError(f"--precision bf16 needs a C++ compiler to compile the model, and {cxx or 'g++'} was "
+                          "not found (sudo apt-get install g++, or set CXX)")
+    import torch._inductor.config as inductor_config
+    from torch._inductor import aoti_compile_and_package
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+    from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
+
+    reference = MalignancyLogit(ckpt.module, ckpt.outputs).eval()
+    eager = Bfloat16Logit(copy.deepcopy(reference)).eval()
+    example = torch.randn(8, 3, image_size, image_size)
+    # A private Inductor cache: nothing from an earlier build is reused, nothing is left behind in /tmp.
+    with tempfile.TemporaryDirectory(prefix="melanoma-aoti.") as tmp, temporary_cache_dir(tmp):
+        try:
+            with inductor_config.patch({"freezing": True, "cpp.cxx": (None, compiler)}), torch.no_grad():
+                batch = torch.export.Dim("batch", min=1, max=4096)
+                program = torch.export.export(eager, (example,), dynamic_shapes=({0: batch},))
+                path = aoti_compile_and_package(program, package_path=os.path.join(tmp, "model.pt2"))
+                isa = pick_vec_isa()
+            data = Path(path).read_bytes()
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise ExportError(f"AOTInductor could not compile the bf16 model: {type(e).__name__}: {first}") from None
+    del eager, program
+    verify(reference, load_model(data, "bf16"), image_size, BF16_TOLERANCE, BF16_RELATIVE, "bf16 model")
+    info = {"format": "aotinductor", "vec_isa": str(isa) if isa else "none",
+            "cpu_flags": cpu_flags_for(isa.build_arch_flags()) if isa else [], "torch": torch.__version__}
+    return data, info
 
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
@@ -184,9 +238,10 @@ def export_explainer(ckpt: LoadedCheckpoint, image_size: int, layer: str = EXPLA
 
 
 def verify(eager: nn.Module, exported: Callable[[torch.Tensor], torch.Tensor], image_size: int,
-           tolerance: float = TRACE_TOLERANCE) -> float:
+           tolerance: float = TRACE_TOLERANCE, relative: float = 0.0, what: str = "TorchScript export") -> float:
+    """Max |exported - eager| logit over random batches; ExportError above tolerance + relative * |eager|."""
     gen = torch.Generator().manual_seed(0)
-    worst = 0.0
+    worst = excess = 0.0
     for n in VERIFY_BATCHES:
         x = torch.randn(n, 3, image_size, image_size, generator=gen)
         with torch.inference_mode():
@@ -194,10 +249,13 @@ def verify(eager: nn.Module, exported: Callable[[torch.Tensor], torch.Tensor], i
             got = exported(x)
         if got.shape != (n, 1):
             raise ExportError(f"exported model returns {tuple(got.shape)} for a batch of {n}, expected ({n}, 1)")
-        worst = max(worst, float((got - ref).abs().max()))
-    if not worst <= tolerance:
+        diff = (got - ref).abs()
+        worst = max(worst, float(diff.max()))
+        excess = max(excess, float((diff - tolerance - relative * ref.abs()).max()))
+    if not excess <= 0:
+        bound = f"{tolerance:.0e}" + (f" + {relative:g} x |logit|" if relative else "")
         raise ExportError(
-            f"the TorchScript export differs from the eager model by {worst:.2e} in logit "
-            f"(> {tolerance:.0e}); the checkpoint's model does not trace faithfully"
+            f"the {what} differs from the eager model by {worst:.2e} in logit "
+            f"(> {bound}); the checkpoint's model does not trace faithfully"
         )
     return worst

@@ -40,6 +40,7 @@ DEMO_WARNING = (
 
 # Names of the files inside the .mar (and the export folder) that this module reads.
 MODEL_FILE = "model.pt"
+BF16_MODEL_FILE = "model.pt2"  # AOTInductor package (exporter/export.py: export_bf16)
 MODEL_CONFIG_FILE = "model-config.yaml"
 METADATA_FILE = "metadata.json"
 EXPLAIN_FILE = "explain.pt"  # Grad-CAM parts (handler/explain.py); absent in --no-explain archives
@@ -208,25 +209,45 @@ def view_probabilities(logits: torch.Tensor, n: int, views: int) -> torch.Tensor
 Model = Callable[[torch.Tensor], torch.Tensor]
 
 
-def load_model(source: bytes | str | os.PathLike[str], precision: str = "fp32") -> torch.jit.ScriptModule:
-    """Load the archive's frozen TorchScript and optimise it for this CPU.
+def load_model(source: bytes | str | os.PathLike[str], precision: str = "fp32") -> Model:
+    """Load the archive's model and optimise it for this CPU.
 
-    optimize_for_inference (oneDNN prepacked convolutions, conv-BN folding) measured ~15-25 % faster
-    than the frozen module here, but its result cannot be saved and reloaded, so it runs at load time.
-    A bf16 archive is served frozen as it is (channels-last bf16 measured faster without it).
-    The build verifies exactly this load path against the eager model.
+    fp32: frozen TorchScript. optimize_for_inference (oneDNN prepacked convolutions, conv-BN folding)
+    measured ~15-25 % faster than the frozen module here, but its result cannot be saved and reloaded, so
+    it runs at load time. bf16: an AOTInductor package, compiled at build time (check_runtime says whether
+    this machine can run it). The build verifies exactly this load path against the eager model.
     """
+    if precision == "bf16":
+        return _load_aoti(source)
     # From a path when there is one: reading the file into bytes first would hold a second copy
     # of the weights (~115 MB) in the worker for as long as the allocator keeps it.
     f = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else str(source)
     model = torch.jit.load(f, map_location="cpu").eval()
-    if precision != "fp32":
-        return model
     try:
         return torch.jit.optimize_for_inference(model)
     except Exception as e:  # pragma: no cover - depends on the CPU/oneDNN build
         warnings.warn(f"optimize_for_inference failed ({e}); serving the frozen model", stacklevel=2)
         return model
+
+
+def _load_aoti(source: bytes | str | os.PathLike[str]) -> Model:
+    """An AOTInductor package, loaded the way torch._inductor.aoti_load_package does once past its device
+    check: that check compiles test programs with g++ in the serving process (and only warns). check_runtime
+    has already matched this CPU's flags to the package's, without a compiler."""
+    import tempfile
+
+    from torch.export.pt2_archive._package import AOTICompiledModel
+
+    def load(path: str) -> Model:
+        # Extracts the package's shared library to a temporary folder, maps it, removes the folder when freed.
+        return AOTICompiledModel(torch._C._aoti.AOTIModelPackageLoader(path, "model", False, 1, -1))
+
+    if isinstance(source, (bytes, bytearray)):
+        with tempfile.NamedTemporaryFile(suffix=".pt2") as f:
+            f.write(source)
+            f.flush()
+            return load(f.name)
+    return load(str(source))
 
 
 def release_memory() -> None:
@@ -333,23 +354,25 @@ class LoadedArchive:
 
 
 def load_archive(path: str | os.PathLike[str], threads: int | None = None,
-                 model_file: str = MODEL_FILE) -> LoadedArchive:
+                 model_file: str | None = None) -> LoadedArchive:
     """Load a .mar (zip) or an unpacked archive folder (what TorchServe hands the handler).
 
     Torch threads: `threads`, else the archive's `threads` setting, else every CPU this process may use;
-    the server and the offline tools thus run the same way.
+    the server and the offline tools thus run the same way. The model file is `model_file`, else the
+    one the metadata names (model.pt for fp32, model.pt2 for bf16).
     """
     p = Path(path)
     if p.is_dir():
         read = lambda name: (p / name).read_bytes()  # noqa: E731
-        model_source: bytes | Path = p / model_file
     elif zipfile.is_zipfile(p):
         read = zipfile.ZipFile(p).read
-        model_source = read(model_file)
     else:
         raise FileNotFoundError(f"{p}: not a .mar archive or archive folder")
     cfg, section = read_model_config(read(MODEL_CONFIG_FILE).decode())
     metadata = json.loads(read(METADATA_FILE))
+    check_runtime(metadata)
+    model_file = model_file or str(metadata.get("model_file") or MODEL_FILE)
+    model_source: bytes | Path = p / model_file if p.is_dir() else read(model_file)
     threads = threads or int(section.get("threads") or 0) or usable_cpus()
     torch.set_num_threads(threads)
     model = load_model(model_source, precision_of(metadata))
@@ -369,13 +392,41 @@ def precision_warning(precision: str, cpuinfo: str | None = None) -> str | None:
     flags_needed = PRECISION_CPU_FLAGS.get(precision)
     if not flags_needed:
         return None
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return f"cannot read /proc/cpuinfo to check that this CPU runs {precision} at speed"
-    flags = set(next((ln.split(":", 1)[1].split() for ln in cpuinfo.splitlines() if ln.startswith("flags")), []))
+    flags = cpu_flags(cpuinfo)
+    if not flags:
+        return f"cannot read /proc/cpuinfo to check that this CPU runs {precision} at speed"
     if flags & set(flags_needed):
         return None
     return (f"this archive is {precision}, but this CPU has none of {', '.join(flags_needed)}: {precision} is "
             f"emulated and slower than fp32 here; build the archive with --precision fp32 for this machine")
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return set()
+    return set(next((ln.split(":", 1)[1].split() for ln in cpuinfo.splitlines() if ln.startswith("flags")), []))
+
+
+def check_runtime(metadata: Mapping[str, Any], cpuinfo: str | None = None) -> None:
+    """Refuse, with what to do, an archive whose compiled model this machine cannot run: an AOTInductor
+    package is native code for one torch version and one CPU vector ISA, and running it elsewhere would
+    crash the worker (illegal instruction) or fail deep inside torch."""
+    precision = metadata.get("precision") or {}
+    if precision.get("name", "fp32") == "fp32":
+        return
+    if precision.get("format") != "aotinductor":
+        raise RuntimeError(f"this {precision.get('name')} archive was built by an earlier version in a format "
+                           "no longer served; rebuild it with ./build_mar.sh --precision bf16")
+    rebuild = "rebuild it on this machine (./build_mar.sh --precision bf16 ...) or use an fp32 archive"
+    built_with = str(precision.get("torch", ""))
+    if built_with != torch.__version__:
+        raise RuntimeError(f"this bf16 archive was compiled for torch {built_with}, this is torch "
+                           f"{torch.__version__}: {rebuild}")
+    have = cpu_flags(cpuinfo)
+    missing = [f for f in precision.get("cpu_flags", []) if f not in have] if have else []
+    if missing:
+        raise RuntimeError(f"this bf16 archive was compiled for CPUs with {', '.join(precision['cpu_flags'])}; "
+                           f"this CPU lacks {', '.join(missing)}: {rebuild}")

@@ -39,16 +39,18 @@ if [[ "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
     || die "pip install -r $reqs failed (see above)"
   echo "$want" > "$stamp"
 fi
-# --dev: the browser test drives Debian's chromium, the scale-out test runs Debian's nginx. Installed when
-# this user may (root or password-less sudo); otherwise those tests say how and are skipped.
+# --dev: the browser test drives Debian's chromium, the scale-out test runs Debian's nginx, the bf16 tests
+# compile with g++. Installed when this user may (root or password-less sudo); otherwise those tests say how
+# and are skipped.
 if [[ "$reqs" == requirements-dev.txt ]]; then
   need=()
   command -v chromium >/dev/null 2>&1 || need+=(chromium)
   command -v nginx >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]] || need+=(nginx-light)
+  command -v g++ >/dev/null 2>&1 || need+=(g++)
   if ((${#need[@]})); then
     if [[ "$(id -u)" == 0 ]]; then as_root=(); elif sudo -n true 2>/dev/null; then as_root=(sudo -n); else as_root=(none); fi
     if [[ "${as_root[0]:-}" != none ]] && command -v apt-get >/dev/null 2>&1; then
-      say "installing ${need[*]} (Debian packages for the browser and nginx tests)"
+      say "installing ${need[*]} (Debian packages for the browser, nginx and bf16 tests)"
       apt() { "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get "$@" >/dev/null 2>&1; }
       apt install -y -q --no-install-recommends "${need[@]}" \
         || { apt update -q && apt install -y -q --no-install-recommends "${need[@]}"; } \

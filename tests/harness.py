@@ -23,10 +23,11 @@ from tsclient import instance_properties, wait_ready  # noqa: E402
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
-def run_build(*args: str, output_dir: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+def run_build(*args: str, output_dir: Path, check: bool = True,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """./build_mar.sh exactly as a user runs it."""
     proc = subprocess.run([str(ROOT / "build_mar.sh"), *args, "--output-dir", str(output_dir)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+                          capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"build_mar.sh failed ({proc.returncode}): {proc.stderr}")
     return proc

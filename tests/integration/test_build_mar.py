@@ -31,7 +31,7 @@ def test_demo_archive_contents(demo_archive: Path) -> None:
     assert meta["explain"] == {"file": "explain.pt", "method": "grad-cam", "layer": "layer3"}
     assert meta["demo"] is True and meta["architecture"] == "resnest50_fast_4s1x64d" and meta["head"] == "sigmoid"
     assert len(meta["weights_sha256"]) == 64 and meta["versions"]["torch"].startswith("2.13.0")
-    assert {"created_at", "source_file", "torchscript_sha256"} <= set(meta)
+    assert {"created_at", "source_file", "model_file", "model_sha256"} <= set(meta)
     assert PipelineConfig.from_mapping(cfg["handler"], ignore=("threads",)) == PipelineConfig()
     assert {"batchSize", "maxBatchDelay", "minWorkers", "maxWorkers", "responseTimeout"} <= set(cfg)
     assert manifest["model"]["handler"] == "melanoma_handler.py"

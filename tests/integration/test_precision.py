@@ -1,19 +1,26 @@
-"""build_mar.sh --precision: a bf16 archive measured against fp32 on the user's images, refused above the
-bound, and saying its precision in every response; fp32 stays the default and unchanged."""
+"""build_mar.sh --precision: a bf16 archive (AOTInductor) measured against fp32 on the user's images, refused
+above the bound, served by real TorchServe and saying its precision in every response, refused at load on a
+machine it was not compiled for; fp32 stays the default and unchanged."""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+import shutil
+import subprocess
+import sys
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import run_build
+import torch
+from harness import ROOT, Server, missing_system_tool, run_build, start_server, stop_server
 from imaging import encode, lesion_rgb
 
 from handler.explain import explain_images, load_explainer
-from handler.pipeline import load_archive, precision_warning
+from handler.pipeline import check_runtime, load_archive, precision_warning
 
 pytestmark = pytest.mark.integration
 
@@ -34,15 +41,33 @@ def calibration(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def test_bf16_archive_is_measured_and_says_so(calibration: Path, demo_archive: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def compiler() -> None:
+    if shutil.which(os.environ.get("CXX") or "g++") is None:
+        missing_system_tool("bf16 archives are compiled with g++, which is not installed: sudo apt-get install g++")
+
+
+@pytest.fixture(scope="module")
+def bf16_store(compiler: None, calibration: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    store = tmp_path_factory.mktemp("bf16") / "model_store"
+    store.mkdir()
     proc = run_build("--precision", "bf16", "--calibration-dir", str(calibration), "--calibration-labels",
-                     str(calibration / "train.csv"), output_dir=tmp_path)
-    assert "bf16 vs fp32 on 24 calibration image(s): max |dp|" in proc.stderr and "AUC fp32" in proc.stderr
-    archive = load_archive(tmp_path / "melanoma.mar")
+                     str(calibration / "train.csv"), output_dir=store)
+    return store, proc.stderr
+
+
+def test_bf16_archive_is_measured_and_says_so(bf16_store: tuple[Path, str], demo_archive: Path) -> None:
+    store, stderr = bf16_store
+    assert "bf16 vs fp32 on 24 calibration image(s): max |dp|" in stderr and "AUC fp32" in stderr
+    names = zipfile.ZipFile(store / "melanoma.mar").namelist()
+    assert "model.pt2" in names and "model.pt" not in names  # the compiled package, not TorchScript
+    archive = load_archive(store / "melanoma.mar")
     prec = archive.metadata["precision"]
     assert prec["name"] == "bf16" and prec["images"] == 24 and prec["labelled"] == 24 and prec["bound"] == 0.02
     assert 0 < prec["max_abs_dp"] <= 0.02 and prec["mean_abs_dp"] <= prec["max_abs_dp"]
     assert "auc_fp32" in prec and "auc_reduced" in prec
+    assert prec["format"] == "aotinductor" and prec["torch"] == torch.__version__ and "avx512f" in prec["cpu_flags"]
+    assert archive.metadata["model_file"] == "model.pt2"
     fp32 = load_archive(demo_archive)
     diffs = []
     for seed in range(500, 506):  # images the build never saw
@@ -51,14 +76,58 @@ def test_bf16_archive_is_measured_and_says_so(calibration: Path, demo_archive: P
         assert res["model"]["precision"] == "bf16"
         diffs.append(abs(res["probability"] - fp32.score(data)["probability"]))
     assert max(diffs) <= 0.02 and max(diffs) > 0  # really reduced, and within the bound
-    # explanations still work beside a bf16 model.pt (explain.pt stays fp32)
+    # explanations still work beside a bf16 model (explain.pt stays fp32)
     data = encode(lesion_rgb(seed=501))
     body = explain_images(load_explainer(archive), [data], [archive.score(data)["probability"]],
                           archive.metadata, [False])[0]
     assert body["model"]["precision"] == "bf16" and body["explanation"]["shape"] == [192, 256]
 
 
-def test_refused_above_the_bound_and_nothing_written(calibration: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def bf16_server(bf16_store: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = start_server(bf16_store[0], tmp_path_factory.mktemp("ts-bf16"))
+    yield srv
+    stop_server(srv)
+
+
+def test_bf16_archive_served(bf16_server: Server, bf16_store: tuple[Path, str]) -> None:
+    """Real TorchServe loads the compiled package in its worker and answers what the pipeline computes."""
+    archive = load_archive(bf16_store[0] / "melanoma.mar")
+    for seed in (600, 601):
+        data = encode(lesion_rgb(seed=seed))
+        r = bf16_server.predict(data)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model"]["precision"] == "bf16"
+        assert abs(body["probability"] - archive.score(data)["probability"]) <= 1e-6
+    bad = bf16_server.predict(b"not an image")
+    assert bad.status_code == 415 and "not an image" in bad.json()["error"]
+    assert "ready: " in bf16_server.log() and "bf16" in bf16_server.log()
+
+
+def test_bf16_archive_refused_where_it_cannot_run(bf16_store: tuple[Path, str]) -> None:
+    meta = json.loads(zipfile.ZipFile(bf16_store[0] / "melanoma.mar").read("metadata.json"))
+    check_runtime(meta)  # this machine built it
+    with pytest.raises(RuntimeError, match=r"compiled for CPUs with .*; this CPU lacks .*avx512f.*: rebuild it"):
+        check_runtime(meta, "flags\t: fpu sse avx2 fma")
+    other = {**meta, "precision": {**meta["precision"], "torch": "2.99.0"}}
+    with pytest.raises(RuntimeError, match=r"compiled for torch 2\.99\.0, this is torch .*rebuild it"):
+        check_runtime(other)
+    old = {**meta, "precision": {k: v for k, v in meta["precision"].items() if k != "format"}}
+    with pytest.raises(RuntimeError, match="format no longer served; rebuild it"):
+        check_runtime(old)
+    check_runtime({"precision": {"name": "fp32"}}, "flags\t: fpu")  # fp32 runs anywhere
+
+
+def test_bf16_build_without_a_compiler_fails_fast(calibration: Path, tmp_path: Path) -> None:
+    proc = run_build("--precision", "bf16", "--calibration-dir", str(calibration), "--no-explain",
+                     output_dir=tmp_path, check=False, env={**os.environ, "CXX": "/nonexistent/g++"})
+    assert proc.returncode == 2
+    assert "needs a C++ compiler" in proc.stderr.strip().splitlines()[-1]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refused_above_the_bound_and_nothing_written(compiler: None, calibration: Path, tmp_path: Path) -> None:
     proc = run_build("--precision", "bf16", "--calibration-dir", str(calibration), "--max-delta", "0.000001",
                      "--no-explain", output_dir=tmp_path, check=False)
     assert proc.returncode == 2
@@ -94,3 +163,21 @@ def test_cpu_check_for_bf16() -> None:
     assert precision_warning("bf16", "flags\t: fpu amx_bf16") is None
     warning = precision_warning("bf16", "flags\t: fpu sse avx2 avx512f")
     assert warning is not None and "slower than fp32" in warning and "--precision fp32" in warning
+
+
+@pytest.mark.slow
+def test_bench_times_precisions_side_by_side(bf16_store: tuple[Path, str], demo_archive: Path,
+                                             tmp_path: Path) -> None:
+    """bench.py --bf16 produces its side-by-side figures (smoke mode; benchmarks are not tests: no time asserted)."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench.py"), "--smoke", "--precisions-only",
+                           "--threads", "1", "--archive", str(demo_archive),
+                           "--bf16", str(bf16_store[0] / "melanoma.mar"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    (pr,) = res["precisions"]
+    assert set(pr["archives"]) == {"fp32", "bf16"} and pr["archives"]["bf16"]["precision"]["name"] == "bf16"
+    assert set(res["served_precisions"]) == {"fp32", "bf16"}
+    assert all(v["128px"]["median_ms"] > 0 for v in res["served_precisions"].values())
+    assert "| served precision" in proc.stdout

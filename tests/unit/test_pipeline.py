@@ -13,6 +13,7 @@ from handler.pipeline import (
     InputError,
     PipelineConfig,
     Scorer,
+    check_runtime,
     decode_image,
     preprocess,
     result,
@@ -184,3 +185,19 @@ def test_result_schema_and_demo_warning() -> None:
     assert r["model"] == {**info, "precision": "fp32"} and "DEMO" in r["warning"]
     r2 = result(0.59, PipelineConfig(threshold=0.6), {**info, "demo": False})
     assert r2["label"] == "benign" and "warning" not in r2
+
+
+def test_compiled_archives_are_refused_where_they_cannot_run() -> None:
+    """A bf16 archive is native code for one torch and one CPU ISA: a mismatch is a clear error, never a crash."""
+    meta = {"precision": {"name": "bf16", "format": "aotinductor", "torch": torch.__version__,
+                          "cpu_flags": ["avx512f", "fma"]}}
+    check_runtime(meta, "flags\t: fpu avx2 fma avx512f")
+    check_runtime(meta, "")  # flags unreadable (not Linux): nothing to check against
+    with pytest.raises(RuntimeError, match="this CPU lacks avx512f: rebuild it on this machine"):
+        check_runtime(meta, "flags\t: fpu avx2 fma")
+    with pytest.raises(RuntimeError, match="compiled for torch 1.0, this is torch"):
+        check_runtime({"precision": {**meta["precision"], "torch": "1.0"}}, "flags\t: avx512f fma")
+    with pytest.raises(RuntimeError, match="earlier version in a format no longer served"):
+        check_runtime({"precision": {"name": "bf16"}})
+    check_runtime({"precision": {"name": "fp32"}}, "flags\t: fpu")
+    check_runtime({}, "")
