@@ -288,6 +288,56 @@ def served(archive: Path, repeats: int, load_requests: int) -> dict[str, Any]:
         stop_server(srv)
 
 
+def served_precisions(archives: dict[str, Path], repeats: int) -> dict[str, Any]:
+    """Each archive in its own real TorchServe (both running, one worker each), one client taking turns in
+    blocks: the served 8-view latency of each precision side by side, in the same run."""
+    import requests
+    from harness import start_server, stop_server
+
+    imgs = images()
+    servers = {}
+    try:
+        for name, path in archives.items():
+            work = Path(tempfile.mkdtemp(prefix=f"bench-ts-{name}."))
+            (work / "model_store").mkdir()
+            (work / "model_store" / "melanoma.mar").symlink_to(path.resolve())
+            servers[name] = start_server(work / "model_store", work / "run")
+        session = requests.Session()
+
+        def post(name: str, data: bytes) -> float:
+            srv = servers[name]
+            t = time.perf_counter()
+            r = session.post(f"{srv.url}/predictions/melanoma", data=data, timeout=120,
+                             headers={**srv.headers(), "Content-Type": "application/octet-stream"})
+            if r.status_code != 200:
+                raise RuntimeError(f"{name}: HTTP {r.status_code}: {r.text[:200]}")
+            return time.perf_counter() - t
+
+        for name in servers:
+            deadline = time.time() + 120
+            while True:  # /ping answers before the worker is ready
+                try:
+                    post(name, imgs["128px"])
+                    break
+                except RuntimeError:
+                    if time.time() > deadline:
+                        raise
+                    time.sleep(0.2)
+        lat: dict[str, dict[str, list[float]]] = {n: {k: [] for k in imgs} for n in servers}
+        rounds = 3
+        for _ in range(rounds):
+            for name in servers:
+                for data in imgs.values():
+                    post(name, data)
+                for _ in range(max(1, repeats // rounds)):
+                    for k, data in imgs.items():
+                        lat[name][k].append(post(name, data))
+        return {n: {k: stats(v) for k, v in d.items()} for n, d in lat.items()}
+    finally:
+        for srv in servers.values():
+            stop_server(srv)
+
+
 def torchserve_split(logs: Path) -> dict[str, float]:
     """TorchServe's own view of where a request's time went: the handler (PredictionTime, our code in
     the worker) versus the frontend's whole inference latency (queue + IPC + handler)."""
@@ -314,25 +364,26 @@ def table(res: dict[str, Any]) -> str:
     add = lines.append
     add(f"Machine: {res['machine']}")
     add("")
-    add("| in-process | threads | baseline median (p95) | ours median (p95) | speed-up |")
-    add("|---|---|---|---|---|")
-    for ip in res["inprocess"]:
-        for k in ("128px", "24MP"):
-            b, o = ip[k]["baseline"], ip[k]["ours"]
-            add(f"| {k} JPEG | {ip['threads']} | {b['median_ms']:.0f} ms ({b['p95_ms']:.0f}) | "
-                f"{o['median_ms']:.0f} ms ({o['p95_ms']:.0f}) | {ip[k]['speedup']:.2f}x |")
-    add("")
-    add("| 8-view forward | threads | time | GFLOP/s | same-run fp32 matmul | ratio |")
-    add("|---|---|---|---|---|---|")
-    for ip in res["inprocess"]:
-        add(f"| {ip['forward_gflop_8_views']:.1f} GFLOP | {ip['threads']} | {ip['forward_8_views']['median_ms']:.0f} ms"
-            f" | {ip['forward_gflops']:.0f} | {ip['matmul_gflops']:.0f} GFLOP/s"
-            f" | {100 * ip['forward_vs_matmul']:.0f} % |")
-    add("")
-    add("| where the time goes (ours, ms) | threads | " + " | ".join(res["inprocess"][0]["parts_ms"]) + " |")
-    add("|---|---|" + "---|" * len(res["inprocess"][0]["parts_ms"]))
-    for ip in res["inprocess"]:
-        add(f"| | {ip['threads']} | " + " | ".join(f"{v:.1f}" for v in ip["parts_ms"].values()) + " |")
+    if res["inprocess"]:
+        add("| in-process | threads | baseline median (p95) | ours median (p95) | speed-up |")
+        add("|---|---|---|---|---|")
+        for ip in res["inprocess"]:
+            for k in ("128px", "24MP"):
+                b, o = ip[k]["baseline"], ip[k]["ours"]
+                add(f"| {k} JPEG | {ip['threads']} | {b['median_ms']:.0f} ms ({b['p95_ms']:.0f}) | "
+                    f"{o['median_ms']:.0f} ms ({o['p95_ms']:.0f}) | {ip[k]['speedup']:.2f}x |")
+        add("")
+        add("| 8-view forward | threads | time | GFLOP/s | same-run fp32 matmul | ratio |")
+        add("|---|---|---|---|---|---|")
+        for ip in res["inprocess"]:
+            add(f"| {ip['forward_gflop_8_views']:.1f} GFLOP | {ip['threads']} | "
+                f"{ip['forward_8_views']['median_ms']:.0f} ms | {ip['forward_gflops']:.0f} | "
+                f"{ip['matmul_gflops']:.0f} GFLOP/s | {100 * ip['forward_vs_matmul']:.0f} % |")
+        add("")
+        add("| where the time goes (ours, ms) | threads | " + " | ".join(res["inprocess"][0]["parts_ms"]) + " |")
+        add("|---|---|" + "---|" * len(res["inprocess"][0]["parts_ms"]))
+        for ip in res["inprocess"]:
+            add(f"| | {ip['threads']} | " + " | ".join(f"{v:.1f}" for v in ip["parts_ms"].values()) + " |")
     for pr in res.get("precisions", []):
         add("")
         add(f"| precision, {pr['threads']} thread(s) | 128px JPEG median (p95) | 24MP JPEG median (p95) | "
@@ -346,6 +397,16 @@ def table(res: dict[str, Any]) -> str:
             add(f"| {name} | {a['128px']['median_ms']:.0f} ms ({a['128px']['p95_ms']:.0f}) | "
                 f"{a['24MP']['median_ms']:.0f} ms ({a['24MP']['p95_ms']:.0f}) | "
                 f"{base / a['128px']['median_ms']:.2f}x | {agree} |")
+    sp = res.get("served_precisions")
+    if sp:
+        add("")
+        add("| served precision (1 worker each, 1 client) | 128px JPEG p50 (p95) | 24MP JPEG p50 (p95) | vs fp32 |")
+        add("|---|---|---|---|")
+        for name, a in sp.items():
+            add(f"| {name} | {a['128px']['median_ms']:.0f} ms ({a['128px']['p95_ms']:.0f}) | "
+                f"{a['24MP']['median_ms']:.0f} ms ({a['24MP']['p95_ms']:.0f}) | "
+                f"{sp['fp32']['128px']['median_ms'] / a['128px']['median_ms']:.2f}x, 24MP "
+                f"{sp['fp32']['24MP']['median_ms'] / a['24MP']['median_ms']:.2f}x |")
     sv = res.get("served")
     if sv:
         ip2 = next(ip for ip in res["inprocess"] if ip["threads"] == max(i["threads"] for i in res["inprocess"]))
@@ -390,6 +451,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--smoke", action="store_true", help="seconds-long run: every figure, few repeats")
     ap.add_argument("--no-served", action="store_true", help="skip the TorchServe part")
+    ap.add_argument("--precisions-only", action="store_true",
+                    help="with --bf16: only the side-by-side precision figures (in-process and served)")
     ap.add_argument("--out", default=str(RESULTS / "latest.json"))
     ap.add_argument("--bf16", nargs="?", const="build", metavar="ARCHIVE",
                     help="also time a bf16 archive against the fp32 one, side by side (built from the demo "
@@ -421,7 +484,7 @@ def main() -> int:
         "archive": str(archive),
         "inprocess": [],
     }
-    for n in args.threads:
+    for n in [] if args.precisions_only else args.threads:
         proc = subprocess.run([sys.executable, __file__, "--archive", str(archive), "--repeats", str(args.repeats),
                                "--inprocess-child", str(n)], capture_output=True, text=True)
         if proc.returncode != 0:
@@ -440,7 +503,9 @@ def main() -> int:
                 print(proc.stderr, file=sys.stderr)
                 return 1
             res["precisions"].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    if not args.no_served:
+        if not args.no_served:
+            res["served_precisions"] = served_precisions({"fp32": archive, "bf16": other}, args.repeats)
+    if not args.no_served and not args.precisions_only:
         res["served"] = served(archive, args.repeats, args.load_requests)
     res["table"] = table(res)
     print(res["table"])
