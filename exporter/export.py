@@ -43,7 +43,6 @@ class ExportError(Exception):
     pass
 
 
-PRECISIONS = ("fp32", "bf16")
 # bf16 export vs the fp32 eager model: bf16 keeps 8 significant bits, so its logit error grows with the
 # logit (a trained head's logits reach |50| on noise inputs, where bf16's spacing is 0.25). A wrong graph
 # misses by the size of the logit itself; the scores' real agreement is measured on the user's images.
