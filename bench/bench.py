@@ -220,31 +220,59 @@ class PeakRSS:
         self.thread.join()
 
 
-def served(archive: Path, repeats: int, load_requests: int) -> dict[str, Any]:
-    import requests
-    from harness import start_server, stop_server
+def start_archive_server(archive: Path, prefix: str = "bench-ts.") -> Any:
+    """Real TorchServe (repo config, free loopback ports) serving `archive` from a fresh temp folder."""
+    from harness import start_server
 
-    work = Path(tempfile.mkdtemp(prefix="bench-ts."))
+    work = Path(tempfile.mkdtemp(prefix=prefix))
     store = work / "model_store"
     store.mkdir()
     (store / "melanoma.mar").symlink_to(archive.resolve())
+    return start_server(store, work / "run")
+
+
+def poster(session: Any, srv: Any) -> Callable[[bytes], float]:
+    """post(data) -> seconds for one prediction; raises on anything but 200."""
+    url = f"{srv.url}/predictions/melanoma"
+    headers = {**srv.headers(), "Content-Type": "application/octet-stream"}
+
+    def post(data: bytes) -> float:
+        t = time.perf_counter()
+        r = session.post(url, data=data, headers=headers, timeout=120)
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
+        return time.perf_counter() - t
+
+    return post
+
+
+def wait_first_prediction(post: Callable[[bytes], float], data: bytes, timeout: float = 120) -> None:
+    """/ping answers before the worker is ready: retry a real prediction until it succeeds."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            post(data)
+            return
+        except RuntimeError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def served(archive: Path, repeats: int, load_requests: int) -> dict[str, Any]:
+    import requests
+    from harness import stop_server
+
     imgs = images()
     t0 = time.perf_counter()
-    srv = start_server(store, work / "run")
+    srv = start_archive_server(archive)
     try:
         session = requests.Session()
         url = f"{srv.url}/predictions/melanoma"
         headers = {**srv.headers(), "Content-Type": "application/octet-stream"}
-        while session.post(url, data=imgs["128px"], headers=headers, timeout=60).status_code != 200:
-            time.sleep(0.1)
+        post = poster(session, srv)
+        wait_first_prediction(post, imgs["128px"])
         out: dict[str, Any] = {"cold_start_s": time.perf_counter() - t0}
-
-        def post(data: bytes) -> float:
-            t = time.perf_counter()
-            r = session.post(url, data=data, headers=headers, timeout=120)
-            if r.status_code != 200:
-                raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
-            return time.perf_counter() - t
 
         for data in imgs.values():
             post(data)
@@ -292,46 +320,26 @@ def served_precisions(archives: dict[str, Path], repeats: int) -> dict[str, Any]
     """Each archive in its own real TorchServe (both running, one worker each), one client taking turns in
     blocks: the served 8-view latency of each precision side by side, in the same run."""
     import requests
-    from harness import start_server, stop_server
+    from harness import stop_server
 
     imgs = images()
     servers = {}
     try:
         for name, path in archives.items():
-            work = Path(tempfile.mkdtemp(prefix=f"bench-ts-{name}."))
-            (work / "model_store").mkdir()
-            (work / "model_store" / "melanoma.mar").symlink_to(path.resolve())
-            servers[name] = start_server(work / "model_store", work / "run")
+            servers[name] = start_archive_server(path, f"bench-ts-{name}.")
         session = requests.Session()
-
-        def post(name: str, data: bytes) -> float:
-            srv = servers[name]
-            t = time.perf_counter()
-            r = session.post(f"{srv.url}/predictions/melanoma", data=data, timeout=120,
-                             headers={**srv.headers(), "Content-Type": "application/octet-stream"})
-            if r.status_code != 200:
-                raise RuntimeError(f"{name}: HTTP {r.status_code}: {r.text[:200]}")
-            return time.perf_counter() - t
-
-        for name in servers:
-            deadline = time.time() + 120
-            while True:  # /ping answers before the worker is ready
-                try:
-                    post(name, imgs["128px"])
-                    break
-                except RuntimeError:
-                    if time.time() > deadline:
-                        raise
-                    time.sleep(0.2)
+        posts = {name: poster(session, srv) for name, srv in servers.items()}
+        for post in posts.values():
+            wait_first_prediction(post, imgs["128px"])
         lat: dict[str, dict[str, list[float]]] = {n: {k: [] for k in imgs} for n in servers}
         rounds = 3
         for _ in range(rounds):
-            for name in servers:
+            for name, post in posts.items():
                 for data in imgs.values():
-                    post(name, data)
+                    post(data)
                 for _ in range(max(1, repeats // rounds)):
                     for k, data in imgs.items():
-                        lat[name][k].append(post(name, data))
+                        lat[name][k].append(post(data))
         return {n: {k: stats(v) for k, v in d.items()} for n, d in lat.items()}
     finally:
         for srv in servers.values():

@@ -122,6 +122,12 @@ def cpu_flags_for(arch_flags: str) -> list[str]:
     return sorted({_ISA_FLAG_NAMES.get(n, n.replace("-", "_")) for n in names})
 
 
+def cxx_compiler() -> str | None:
+    """The compiler a bf16 build uses: $CXX if set (and nothing else), else g++ or c++ on PATH."""
+    cxx = os.environ.get("CXX")
+    return shutil.which(cxx) if cxx else shutil.which("g++") or shutil.which("c++")
+
+
 def export_bf16(ckpt: LoadedCheckpoint, image_size: int) -> tuple[bytes, dict[str, Any]]:
     """The model in bf16, compiled ahead of time by AOTInductor into a .pt2 package.
 
@@ -131,11 +137,10 @@ def export_bf16(ckpt: LoadedCheckpoint, image_size: int) -> tuple[bytes, dict[st
     this CPU's vector ISA and this torch: both are recorded, and the loader refuses a mismatch rather
     than crash. Needs a C++ compiler now, none at serving time. Returns the package and what it needs.
     """
-    cxx = os.environ.get("CXX")
-    compiler = shutil.which(cxx) if cxx else shutil.which("g++") or shutil.which("c++")
+    compiler = cxx_compiler()
     if compiler is None:
-        raise ExportError(f"--precision bf16 needs a C++ compiler to compile the model, and {cxx or 'g++'} was "
-                          "not found (sudo apt-get install g++, or set CXX)")
+        raise ExportError(f"--precision bf16 needs a C++ compiler to compile the model, and "
+                          f"{os.environ.get('CXX') or 'g++'} was not found (sudo apt-get install g++, or set CXX)")
     import torch._inductor.config as inductor_config
     from torch._inductor import aoti_compile_and_package
     from torch._inductor.cpu_vec_isa import pick_vec_isa

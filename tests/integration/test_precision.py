@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -19,6 +18,7 @@ import torch
 from harness import ROOT, Server, missing_system_tool, run_build, start_server, stop_server
 from imaging import encode, lesion_rgb
 
+from exporter.export import cxx_compiler
 from handler.explain import explain_images, load_explainer
 from handler.pipeline import check_runtime, load_archive, precision_warning
 
@@ -43,7 +43,7 @@ def calibration(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def compiler() -> None:
-    if shutil.which(os.environ.get("CXX") or "g++") is None:
+    if cxx_compiler() is None:
         missing_system_tool("bf16 archives are compiled with g++, which is not installed: sudo apt-get install g++")
 
 
