@@ -18,7 +18,7 @@ import json
 import sys
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -38,8 +38,14 @@ class LabelError(Exception):
     pass
 
 
-def read_labels(path: Path) -> dict[str, int]:
-    """image name -> 1 (melanoma) / 0, from either ISIC format; other columns are ignored."""
+class LabelRow(NamedTuple):
+    name: str
+    target: int  # 1 = melanoma
+    group: str  # the patient (2020's patient_id); the image itself where the file has no patient column
+
+
+def read_label_rows(path: Path) -> list[LabelRow]:
+    """Rows of either ISIC format; other columns are ignored. Shared with training (train/data.py)."""
     try:
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
@@ -55,20 +61,27 @@ def read_labels(path: Path) -> dict[str, int]:
     else:
         raise LabelError(f"label file {path}: expected columns image_name,target (SIIM-ISIC 2020) or "
                          f"image,MEL (ISIC 2019); found {', '.join(sorted(cols))}")
-    labels: dict[str, int] = {}
+    group_col = "patient_id" if "patient_id" in cols else None
+    out: list[LabelRow] = []
     bad = []
     for i, row in enumerate(rows, start=2):
         try:
             value = float(row[target_col])
             if value not in (0.0, 1.0):
                 raise ValueError
-            labels[row[name_col].strip()] = int(value)
-        except (TypeError, ValueError):
+            name = row[name_col].strip()
+            out.append(LabelRow(name, int(value), (row[group_col] or "").strip() or name if group_col else name))
+        except (TypeError, ValueError, AttributeError):
             bad.append(f"line {i}")
     if bad:
         raise LabelError(f"label file {path}: {len(bad)} row(s) with a {target_col} other than 0/1 "
                          f"({', '.join(bad[:5])})")
-    return labels
+    return out
+
+
+def read_labels(path: Path) -> dict[str, int]:
+    """image name -> 1 (melanoma) / 0, from either ISIC format."""
+    return {r.name: r.target for r in read_label_rows(path)}
 
 
 def find_images(folder: Path, names: list[str]) -> tuple[dict[str, Path], list[str]]:

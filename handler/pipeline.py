@@ -163,19 +163,29 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
 
 
 @lru_cache(maxsize=8)
-def _transform(cfg: PipelineConfig) -> A.Compose:
-    return A.Compose(
-        [
-            A.Resize(cfg.image_size, cfg.image_size, area_for_downscale="image"),
-            A.Normalize(mean=cfg.mean, std=cfg.std, max_pixel_value=cfg.max_pixel_value),
-        ]
-    )
+def _resize(cfg: PipelineConfig) -> A.Resize:
+    return A.Resize(cfg.image_size, cfg.image_size, area_for_downscale="image")
+
+
+@lru_cache(maxsize=8)
+def _normalize(cfg: PipelineConfig) -> A.Normalize:
+    return A.Normalize(mean=cfg.mean, std=cfg.std, max_pixel_value=cfg.max_pixel_value)
+
+
+def resize(rgb: np.ndarray, cfg: PipelineConfig) -> np.ndarray:
+    """HxWx3 uint8 RGB -> SxSx3 uint8: the array training caches and augments (train/data.py)."""
+    return _resize(cfg)(image=rgb)["image"]
+
+
+def to_tensor(resized: np.ndarray, cfg: PipelineConfig) -> torch.Tensor:
+    """SxSx3 uint8 -> 3xSxS float32, normalised."""
+    out = _normalize(cfg)(image=resized)["image"]
+    return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1), dtype=np.float32))
 
 
 def preprocess(rgb: np.ndarray, cfg: PipelineConfig) -> torch.Tensor:
-    """HxWx3 uint8 RGB -> 3xSxS float32 tensor, exactly the training transform."""
-    out = _transform(cfg)(image=rgb)["image"]
-    return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1), dtype=np.float32))
+    """HxWx3 uint8 RGB -> 3xSxS float32 tensor, exactly the training transform (resize, then normalise)."""
+    return to_tensor(resize(rgb, cfg), cfg)
 
 
 def load_tensor(data: bytes | bytearray | memoryview, cfg: PipelineConfig) -> torch.Tensor:

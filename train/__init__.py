@@ -1,0 +1,1 @@
+"""Training: the fine-tuning recipe for the served ResNeSt (python -m train --help)."""
