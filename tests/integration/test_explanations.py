@@ -32,11 +32,11 @@ def explain(server: Server, data: bytes, **headers: str) -> requests.Response:
     return requests.post(f"{server.url}/explanations/melanoma", data=data, headers=h, timeout=120)
 
 
-def test_explanation_probability_equals_prediction(server: Server) -> None:
+def test_explanation_probability_equals_prediction(server_of: Server) -> None:
     for seed in range(3):
         data = encode(lesion_rgb(seed=40 + seed))
-        p = server.predict(data)
-        e = explain(server, data)
+        p = server_of.predict(data)
+        e = explain(server_of, data)
         assert p.status_code == 200 and e.status_code == 200, e.text
         assert e.json()["probability"] == p.json()["probability"]  # the same number, not just close
         assert {k: v for k, v in e.json().items() if k != "explanation"} == p.json()

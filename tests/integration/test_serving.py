@@ -29,11 +29,11 @@ PARITY = ["jpeg", "png", "rgba_png", "gray_png", "exif6_jpeg", "webp", "gif"]
 
 
 @pytest.mark.parametrize("kind", PARITY)
-def test_served_probability_equals_in_process_pipeline(kind: str, server: Server, offline: LoadedArchive) -> None:
+def test_served_probability_equals_in_process_pipeline(kind: str, server_of: Server, offline_of: LoadedArchive) -> None:
     data = variants(seed=3)[kind]
-    r = server.predict(data)
+    r = server_of.predict(data)
     assert r.status_code == 200, r.text
-    assert abs(r.json()["probability"] - offline.score(data)["probability"]) <= 1e-4
+    assert abs(r.json()["probability"] - offline_of.score(data)["probability"]) <= 1e-4
 
 
 def test_response_schema(server: Server, offline: LoadedArchive) -> None:
@@ -113,19 +113,19 @@ def test_bad_input_gets_a_4xx_with_a_json_message(how: str, status: int, words: 
     assert answers[0] == answers[1]
 
 
-def test_batch_with_one_corrupt_request(server: Server, offline: LoadedArchive) -> None:
+def test_batch_with_one_corrupt_request(server_of: Server, offline_of: LoadedArchive) -> None:
     """Concurrent requests land in one TorchServe batch (maxBatchDelay 300 ms in the test archive);
     the corrupt one gets 400, the others their correct scores."""
     images = [encode(lesion_rgb(seed=s)) for s in range(10, 13)]
     bodies = [images[0], b"\xff\xd8\xff\xe0 corrupt", images[1], images[2]]
-    before = server.log().count("batch of 4")
+    before = server_of.log().count("batch of 4")
     with ThreadPoolExecutor(4) as pool:
-        answers = list(pool.map(server.predict, bodies))
+        answers = list(pool.map(server_of.predict, bodies))
     assert [r.status_code for r in answers] == [200, 400, 200, 200]
     for img, r in zip(images, [answers[0], answers[2], answers[3]], strict=True):
-        assert abs(r.json()["probability"] - offline.score(img)["probability"]) <= 1e-4
+        assert abs(r.json()["probability"] - offline_of.score(img)["probability"]) <= 1e-4
     assert "error" in answers[1].json()
-    assert server.log().count("batch of 4") > before, "the four requests were not batched together"
+    assert server_of.log().count("batch of 4") > before, "the four requests were not batched together"
 
 
 def test_token_is_required(server: Server) -> None:
@@ -188,11 +188,11 @@ def test_client_predict_script(server: Server, offline: LoadedArchive, demo_arch
     assert bad.returncode == 1 and "inference key was refused" in bad.stderr and "nope" not in bad.stderr
 
 
-def test_concurrent_load_every_answer_correct(server: Server, offline: LoadedArchive) -> None:
+def test_concurrent_load_every_answer_correct(server_of: Server, offline_of: LoadedArchive) -> None:
     images = [encode(lesion_rgb(seed=30 + s)) for s in range(6)]
-    expected = [offline.score(d)["probability"] for d in images]
+    expected = [offline_of.score(d)["probability"] for d in images]
     with ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(server.predict, images * 4))
+        answers = list(pool.map(server_of.predict, images * 4))
     got = np.array([r.json()["probability"] for r in answers]).reshape(4, 6)
     assert all(r.status_code == 200 for r in answers)
     assert np.abs(got - np.array(expected)[None]).max() <= 1e-4

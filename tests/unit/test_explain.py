@@ -96,6 +96,29 @@ def test_heatmap_peak_falls_inside_the_blob() -> None:
         assert heat[np.hypot(yy - cy, xx - cx) <= radius].mean() > 3 * heat.mean() / 2
 
 
+@pytest.mark.slow
+def test_trained_fixture_heatmap_peaks_on_the_lesion(trained_checkpoint: Path) -> None:
+    """The trained fixture (train/ on the synthetic task): for images of the positive class, Grad-CAM's
+    peak lies on the lesion (within one cell of the 8x8 map: what its border and patch look like is the
+    evidence) and the map is hotter on the lesion than off it, wherever the lesion is."""
+    from scipy import ndimage
+
+    from exporter.checkpoint import load_checkpoint
+    from train.synthetic import lesion_and_mask
+
+    ex = _explainer(load_checkpoint(trained_checkpoint))
+    rng = np.random.default_rng(2024)
+    for i in range(8):
+        img, mask = lesion_and_mask(1, rng)
+        cams, logits = ex.cams([load_tensor(encode(img, "PNG"), CFG)])
+        assert float(torch.sigmoid(logits.double()).mean()) > 0.5, f"image {i} is scored as its class"
+        heat = upsample(cams[0], mask.shape)
+        py, px = np.unravel_index(np.argmax(heat), heat.shape)
+        distance = ndimage.distance_transform_edt(~mask)[py, px]
+        assert distance <= mask.shape[0] / 8, f"image {i}: peak ({py},{px}) {distance:.0f} px off the lesion"
+        assert heat[mask].mean() > 3 * heat[~mask].mean(), f"image {i}"
+
+
 def test_sizes_follow_the_viewer() -> None:
     rgb = lesion_rgb(120, 200, seed=1)
     assert original_size(encode(rgb)) == (120, 200)

@@ -1,0 +1,128 @@
+"""The export check: faithful exports of trained-size networks pass every time, unfaithful ones are refused."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import exporter.build_mar as build_mar
+from exporter.checkpoint import LoadedCheckpoint, load_checkpoint
+from exporter.export import (
+    RTOL,
+    ExportError,
+    MalignancyLogit,
+    demo_checkpoint,
+    export_explainer,
+    export_torchscript,
+    verification_images,
+    verify,
+)
+from handler.pipeline import load_model
+
+pytestmark = pytest.mark.slow
+
+
+def scaled(ckpt: LoadedCheckpoint, factor: float) -> LoadedCheckpoint:
+    """The same network with its head scaled: logits `factor` times larger, as a more confident head gives."""
+    module = copy.deepcopy(ckpt.module)
+    with torch.no_grad():
+        module.fc.weight.mul_(factor)
+        module.fc.bias.mul_(factor)
+    return LoadedCheckpoint(module, 1, ckpt.form, "scaled", [])
+
+
+def photo_logits(ckpt: LoadedCheckpoint) -> torch.Tensor:
+    with torch.inference_mode():
+        return MalignancyLogit(ckpt.module, 1).eval()(verification_images(128)).flatten()
+
+
+@pytest.mark.parametrize("which", ["demo", "trained", "trained, head x8"])
+def test_faithful_exports_pass(which: str, trained_checkpoint: Path) -> None:
+    ckpt = demo_checkpoint() if which == "demo" else load_checkpoint(trained_checkpoint)
+    if which.endswith("x8"):
+        ckpt = scaled(ckpt, 8)
+        logits = photo_logits(ckpt)
+        assert logits.min() < -15 and logits.max() > 30, "the variant must reach trained-network logit sizes"
+    data = export_torchscript(ckpt, 128)  # raises ExportError if refused
+    # The same verdict and the same numbers on every run: the inputs are fixed, and the worst error sits
+    # far below the bound (RTOL is 15x the measured noise floor).
+    eager = MalignancyLogit(ckpt.module, 1).eval()
+    worst = verify(eager, load_model(data), 128)
+    assert worst == verify(eager, load_model(data), 128)
+    assert worst <= RTOL * (float(photo_logits(ckpt).abs().max()) + 1) / 5
+
+
+def test_explainer_export_passes_on_trained_weights(trained_checkpoint: Path) -> None:
+    export_explainer(load_checkpoint(trained_checkpoint), 128)
+
+
+class BakedBranch(nn.Module):
+    """Data-dependent control flow: tracing records the branch the example took, for every input."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.model(x)
+        if x.mean() > 0:
+            return y
+        return -y
+
+
+def run_build(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str]]:
+    rc = build_mar.main(args)
+    err = capsys.readouterr().err
+    return rc, [line for line in err.splitlines() if "error" in line.lower()]
+
+
+def test_build_refuses_a_baked_in_branch(trained_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    real = build_mar.load_checkpoint
+
+    def load(path: str, trust: bool = False) -> LoadedCheckpoint:
+        ckpt = real(path, trust)
+        return LoadedCheckpoint(BakedBranch(ckpt.module).eval(), 1, ckpt.form, ckpt.sha256, [])
+
+    monkeypatch.setattr(build_mar, "load_checkpoint", load)
+    rc, errors = run_build([str(trained_checkpoint), "--output-dir", str(tmp_path), "--no-explain"], capsys)
+    assert rc == 2 and len(errors) == 1, errors
+    assert errors[0].startswith("build_mar: error: the TorchScript export differs from the eager model")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("change", ["head bias +0.01", "layer3 conv x1.01"])
+def test_build_refuses_a_weight_changed_after_tracing(change: str, trained_checkpoint: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """The traced graph holds a weight the eager model does not: a stale or edited weight."""
+    real = torch.jit.trace
+
+    def trace(module: nn.Module, example: torch.Tensor, **kw: object) -> torch.jit.ScriptModule:
+        stale = copy.deepcopy(module)
+        with torch.no_grad():
+            if change.startswith("head"):
+                stale.model.fc.bias.add_(0.01)
+            else:
+                stale.model.layer3[0].conv1.weight.mul_(1.01)
+        return real(stale, example, **kw)
+
+    monkeypatch.setattr(torch.jit, "trace", trace)
+    rc, errors = run_build([str(trained_checkpoint), "--output-dir", str(tmp_path), "--no-explain"], capsys)
+    assert rc == 2 and len(errors) == 1, errors
+    assert "differs from the eager model" in errors[0] and "bound" in errors[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bound_is_relative_to_the_logit_and_the_network_scale() -> None:
+    """A 1 % error on a large logit passes a 2 % bound; a fixed offset of 0.5 fails a 0.1 % bound."""
+    eager = MalignancyLogit(demo_checkpoint().module, 1).eval()
+    assert verify(eager, lambda x: eager(x) * 1.01, 128, 0.02) > 0
+    with pytest.raises(ExportError, match=r"bound 0.001 x \(\|logit\| \+ "):
+        verify(eager, lambda x: eager(x) + 0.5, 128, 0.001)
+    with pytest.raises(ExportError, match=r"returns \(3, 2\)"):
+        verify(eager, lambda x: eager(x).repeat(1, 2), 128)
