@@ -5,6 +5,8 @@
 # Writes OUT_DIR/ca.pem (give it to clients: --cacert), OUT_DIR/server.pem and OUT_DIR/server.key
 # (private, mode 600; for config.properties certificate_file and private_key_file).
 set -euo pipefail
+# --help (or -h) prints this header and does nothing else.
+case "${1:-}" in -h|--help) sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
 out="${1:?usage: scripts/make_cert.sh OUT_DIR [NAME_OR_IP ...]}"
 shift
 names=("$@")

@@ -4,6 +4,8 @@
 # to remote clients. Local clients (client/predict.py) pick it up from key_file.json by themselves.
 #   scripts/rotate_key.sh [inference|management]
 set -euo pipefail
+# --help (or -h) prints this header and does nothing else.
+case "${1:-}" in -h|--help) sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 kind="${1:-inference}"
 [[ "$kind" == inference || "$kind" == management ]] || { echo "rotate_key: error: kind is inference or management" >&2; exit 2; }

@@ -5,6 +5,8 @@
 # Sets up .venv (scripts/setup.sh), builds model_store/melanoma.mar if needed, starts TorchServe
 # with config.properties from the repo root, and waits until the model answers.
 set -euo pipefail
+# --help (or -h) prints this header and does nothing else.
+case "${1:-}" in -h|--help) sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 "$root/scripts/setup.sh"

@@ -3,6 +3,8 @@
 # pinned requirements. Usage: scripts/setup.sh [--app | --dev]   (--app adds the web page's packages,
 # --dev those and the test and lint tools)
 set -euo pipefail
+# --help (or -h) prints this header and does nothing else.
+case "${1:-}" in -h|--help) sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 say() { echo "setup: $*" >&2; }

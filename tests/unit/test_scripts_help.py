@@ -1,0 +1,29 @@
+"""Scripts are used by strangers: `--help` prints the usage and acts on nothing (no set-up, no server
+stopped, no file written or deleted)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPTS = sorted(p.relative_to(ROOT).as_posix() for p in [*ROOT.glob("scripts/*.sh"), ROOT / "build_mar.sh"])
+
+
+def repo_state() -> str:
+    out = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=ROOT, capture_output=True, text=True)
+    return out.stdout
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_does_not_act(script: str, flag: str, tmp_path: Path) -> None:
+    before = repo_state()
+    proc = subprocess.run(["bash", str(ROOT / script), flag], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.strip().splitlines()) >= 2, proc.stdout
+    assert "setup:" not in proc.stderr and "error" not in proc.stderr.lower(), proc.stderr
+    assert list(tmp_path.iterdir()) == [] and repo_state() == before
