@@ -44,7 +44,12 @@ from handler.pipeline import (
 
 ROOT = Path(__file__).resolve().parents[1]
 HANDLER_DIR = ROOT / "handler"
-HANDLER_FILES = ("__init__.py", "pipeline.py", "explain.py", "melanoma_handler.py")
+
+
+def handler_files(folder: Path = HANDLER_DIR) -> list[Path]:
+    """The handler package, whole: every module in handler/, so a new one cannot be left out of the .mar
+    (a hand-kept list would fail only when served)."""
+    return sorted(f for f in folder.glob("*.py") if f.is_file())
 
 
 class BuildError(Exception):
@@ -197,8 +202,8 @@ def build(args: argparse.Namespace) -> Path:
         (tmp / MODEL_CONFIG_FILE).write_text(yaml.safe_dump(model_config(args, cfg), sort_keys=False))
         pkg = tmp / "extra" / "handler"  # packed as a package so the handler imports handler.pipeline
         pkg.mkdir(parents=True)
-        for name in HANDLER_FILES:
-            shutil.copy2(HANDLER_DIR / name, pkg / name)
+        for f in handler_files():
+            shutil.copy2(f, pkg / f.name)
         export = tmp / "export"
         export.mkdir()
         cmd = [
@@ -209,7 +214,11 @@ def build(args: argparse.Namespace) -> Path:
             "--config-file", str(tmp / MODEL_CONFIG_FILE),
             "--export-path", str(export),
         ]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        # The archiver stages in $TMPDIR/<model name>: point it at this build's own folder, so that two builds
+        # at once (a user's and a test's, or two tests) cannot write into each other's staging.
+        staging = tmp / "archiver-tmp"
+        staging.mkdir()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TMPDIR": str(staging)})
         built = export / f"{args.model_name}.mar"
         if proc.returncode != 0 or not built.is_file():
             msg = (proc.stderr or proc.stdout).strip().splitlines()
