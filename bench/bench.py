@@ -28,12 +28,13 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
-from imaging import encode, lesion_rgb  # noqa: E402
+
+from testkit.imaging import encode, lesion_rgb  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -164,8 +165,8 @@ def precisions(archives: dict[str, Path], threads: int, repeats: int) -> dict[st
 
 def build_bf16_demo(work: Path) -> Path:
     """A demo bf16 archive, measured on 40 generated photos (bench only; real use: your own images)."""
-    from harness import run_build
-    from imaging import encode, lesion_rgb
+    from testkit.harness import run_build
+    from testkit.imaging import encode, lesion_rgb
 
     cal = work / "calibration"
     cal.mkdir(parents=True, exist_ok=True)
@@ -222,7 +223,7 @@ class PeakRSS:
 
 def start_archive_server(archive: Path, prefix: str = "bench-ts.") -> Any:
     """Real TorchServe (repo config, free loopback ports) serving `archive` from a fresh temp folder."""
-    from harness import start_server
+    from testkit.harness import start_server
 
     work = Path(tempfile.mkdtemp(prefix=prefix))
     store = work / "model_store"
@@ -261,7 +262,8 @@ def wait_first_prediction(post: Callable[[bytes], float], data: bytes, timeout: 
 
 def served(archive: Path, repeats: int, load_requests: int) -> dict[str, Any]:
     import requests
-    from harness import stop_server
+
+    from testkit.harness import stop_server
 
     imgs = images()
     t0 = time.perf_counter()
@@ -320,7 +322,8 @@ def served_precisions(archives: dict[str, Path], repeats: int) -> dict[str, Any]
     """Each archive in its own real TorchServe (both running, one worker each), one client taking turns in
     blocks: the served 8-view latency of each precision side by side, in the same run."""
     import requests
-    from harness import stop_server
+
+    from testkit.harness import stop_server
 
     imgs = images()
     servers = {}
@@ -481,7 +484,7 @@ def main() -> int:
         return 0
 
     if not archive.exists():
-        from harness import run_build
+        from testkit.harness import run_build
 
         tmp = Path(tempfile.mkdtemp(prefix="bench-mar."))
         run_build(output_dir=tmp)

@@ -16,13 +16,12 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-from blobs import blob_checkpoint, blob_image, random_center  # noqa: E402
+sys.path.insert(0, str(ROOT))
 
 from exporter.export import STAGES, export_explainer  # noqa: E402
 from handler.explain import Explainer, upsample  # noqa: E402
 from handler.pipeline import PipelineConfig, preprocess  # noqa: E402
+from testkit.blobs import blob_checkpoint, blob_image, random_center  # noqa: E402
 
 
 def main() -> None:

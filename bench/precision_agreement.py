@@ -22,14 +22,13 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-from blobs import fit_head  # noqa: E402
-from harness import run_build  # noqa: E402
-from imaging import encode, lesion_rgb  # noqa: E402
+sys.path.insert(0, str(ROOT))
 
 from exporter.export import demo_checkpoint  # noqa: E402
 from handler.pipeline import PipelineConfig, load_archive, load_tensor  # noqa: E402
+from testkit.blobs import fit_head  # noqa: E402
+from testkit.harness import run_build  # noqa: E402
+from testkit.imaging import encode, lesion_rgb  # noqa: E402
 
 
 def photos(folder: Path, n: int) -> dict[str, int]:

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import ROOT, Server, run_build, start_server, stop_server
 
+from testkit.harness import ROOT, Server, run_build, start_server, stop_server
 from train.synthetic import write_dataset
 
 # The trained fixture: resnest50_fast_4s1x64d trained from scratch by `python -m train` (all layers, BatchNorm

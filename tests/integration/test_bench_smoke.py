@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from harness import ROOT
+
+from testkit.harness import ROOT
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

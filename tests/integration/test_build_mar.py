@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import zipfile
 from pathlib import Path
 
@@ -10,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from harness import run_build
-from imaging import encode, lesion_rgb
 
 from exporter.checkpoint import build_model, load_checkpoint
 from exporter.export import demo_checkpoint
 from handler.explain import explain_images, load_explainer
 from handler.pipeline import InputError, PipelineConfig, load_archive, load_tensor, tta_views
+from testkit.harness import ROOT, run_build
+from testkit.imaging import encode, lesion_rgb
 from train.synthetic import lesion
 
 pytestmark = pytest.mark.integration
@@ -37,6 +38,9 @@ def test_demo_archive_contents(demo_archive: Path) -> None:
     assert PipelineConfig.from_mapping(cfg["handler"], ignore=("threads",)) == PipelineConfig()
     assert {"batchSize", "maxBatchDelay", "minWorkers", "maxWorkers", "responseTimeout"} <= set(cfg)
     assert manifest["model"]["handler"] == "melanoma_handler.py"
+    # the handler package ships whole: every module in handler/, none listed by hand
+    packed = {n for n in names if n.startswith("handler/") and n.endswith(".py")}
+    assert packed == {f"handler/{f.name}" for f in (ROOT / "handler").glob("*.py")}
 
 
 def test_demo_build_is_deterministic(demo_archive: Path) -> None:
@@ -183,3 +187,19 @@ def test_bad_options_fail_fast(tmp_path: Path) -> None:
     assert proc.returncode != 0 and "invalid choice" in proc.stderr
     proc = run_build(output_dir=tmp_path / "absent", check=False)
     assert proc.returncode != 0 and "does not exist" in proc.stderr
+
+
+def test_two_builds_at_once_do_not_collide(tmp_path: Path) -> None:
+    """torch-model-archiver stages in $TMPDIR/<model name>: each build gives it its own folder, so a user's
+    build and a test's (or two tests') can run at the same time."""
+    outs = [tmp_path / "a", tmp_path / "b"]
+    procs = []
+    for out in outs:
+        out.mkdir()
+        procs.append(subprocess.Popen([str(ROOT / "build_mar.sh"), "--no-explain", "--output-dir", str(out)],
+                                      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err
+    for out in outs:
+        assert load_archive(out / "melanoma.mar").metadata["demo"] is True

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import requests
-from harness import ROOT, Server, start_server, stop_server
-from imaging import encode, lesion_rgb
 
 from handler.pipeline import load_archive
+from testkit.harness import ROOT, Server, start_server, stop_server
+from testkit.imaging import encode, lesion_rgb
 
 pytestmark = pytest.mark.integration
 

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from harness import ROOT, Server
-from imaging import encode, lesion_rgb
+
+from testkit.harness import ROOT, Server
+from testkit.imaging import encode, lesion_rgb
 
 sys.path.insert(0, str(ROOT / "client"))
 import metrics  # noqa: E402

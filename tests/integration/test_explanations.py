@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from harness import ROOT, Server
-from imaging import encode, lesion_rgb
 from PIL import Image
 
 from handler.pipeline import LoadedArchive, load_archive
+from testkit.harness import ROOT, Server
+from testkit.imaging import encode, lesion_rgb
 
 pytestmark = pytest.mark.integration
 

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 import requests
-from harness import ROOT, Server, free_ports, start_server, stop_server
-from imaging import encode, lesion_rgb
+
+from testkit.harness import ROOT, Server, free_ports, start_server, stop_server
+from testkit.imaging import encode, lesion_rgb
 
 pytestmark = pytest.mark.integration
 PREDICT = [sys.executable, str(ROOT / "client" / "predict.py")]

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from harness import ROOT, Server, missing_system_tool, run_build, start_server, stop_server
-from imaging import encode, lesion_rgb
 
 from exporter.export import cxx_compiler
 from handler.explain import explain_images, load_explainer
 from handler.pipeline import check_runtime, cpu_flags, load_archive, precision_warning
+from testkit.harness import ROOT, Server, missing_system_tool, run_build, start_server, stop_server
+from testkit.imaging import encode, lesion_rgb
 
 pytestmark = pytest.mark.integration
 

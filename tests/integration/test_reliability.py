@@ -24,11 +24,11 @@ import psutil
 import pytest
 import requests
 import torch
-from harness import ROOT, Server, read_log, run_build, start_server, stop_server, worker_pids
-from imaging import encode, jpeg_with_orientation, lesion_rgb, png_header_only
 from PIL import Image
 
 from handler.pipeline import LoadedArchive, load_archive
+from testkit.harness import ROOT, Server, read_log, run_build, start_server, stop_server, worker_pids
+from testkit.imaging import encode, jpeg_with_orientation, lesion_rgb, png_header_only
 
 sys.path.insert(0, str(ROOT / "client"))
 from tsclient import Client  # noqa: E402

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 import requests
-from harness import ROOT, free_ports, missing_system_tool, read_log, run_build
-from imaging import encode, lesion_rgb
 
 from handler.pipeline import load_archive
+from testkit.harness import ROOT, free_ports, missing_system_tool, read_log, run_build
+from testkit.imaging import encode, lesion_rgb
 
 pytestmark = pytest.mark.integration
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from harness import ROOT, Server
-from imaging import encode, lesion_rgb, variants
 
 from handler.pipeline import LoadedArchive, load_archive
+from testkit.harness import ROOT, Server
+from testkit.imaging import encode, lesion_rgb, variants
 
 pytestmark = pytest.mark.integration
 
@@ -83,7 +83,7 @@ def test_every_way_of_sending_an_image(server: Server, offline: LoadedArchive) -
 )
 def test_bad_input_gets_a_4xx_with_a_json_message(how: str, status: int, words: str, server: Server) -> None:
     """...and the same answer from /explanations as from /predictions."""
-    from imaging import png_header_only
+    from testkit.imaging import png_header_only
 
     h = server.headers()
     raw = {**h, "Content-Type": "application/octet-stream"}

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from harness import ROOT, Server
-from imaging import encode, lesion_rgb
 
 from exporter.checkpoint import load_checkpoint
 from handler.pipeline import load_archive
+from testkit.harness import ROOT, Server
+from testkit.imaging import encode, lesion_rgb
 from train.synthetic import write_dataset
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

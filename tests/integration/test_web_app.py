@@ -16,8 +16,9 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
-from harness import ROOT, VENV_BIN, Server, free_ports, missing_system_tool
-from imaging import encode, lesion_rgb
+
+from testkit.harness import ROOT, VENV_BIN, Server, free_ports, missing_system_tool
+from testkit.imaging import encode, lesion_rgb
 
 pytestmark = pytest.mark.integration
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from imaging import lesion_rgb
 from torch import nn
 
 from exporter.checkpoint import CheckpointError, build_model, load_checkpoint
@@ -20,6 +19,7 @@ from exporter.export import (
     export_torchscript,
 )
 from handler.pipeline import PipelineConfig, load_model, preprocess
+from testkit.imaging import lesion_rgb
 
 
 @pytest.fixture(scope="module")

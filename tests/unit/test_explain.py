@@ -10,8 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from blobs import blob_checkpoint, blob_image, random_center
-from imaging import encode, jpeg_with_orientation, lesion_rgb
 from PIL import Image
 
 from exporter.export import EXPLAIN_LAYER, demo_checkpoint, export_explainer
@@ -26,6 +24,8 @@ from handler.explain import (
 )
 from handler.melanoma_handler import request_headers, wants_overlay
 from handler.pipeline import InputError, LoadedArchive, PipelineConfig, Scorer, load_tensor, tta_views
+from testkit.blobs import blob_checkpoint, blob_image, random_center
+from testkit.imaging import encode, jpeg_with_orientation, lesion_rgb
 
 CFG = PipelineConfig()
 

@@ -6,7 +6,6 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from imaging import encode, jpeg_with_orientation, lesion_rgb, png_header_only, variants
 from PIL import Image
 
 from handler.pipeline import (
@@ -20,6 +19,7 @@ from handler.pipeline import (
     tta_views,
     view_probabilities,
 )
+from testkit.imaging import encode, jpeg_with_orientation, lesion_rgb, png_header_only, variants
 
 CFG = PipelineConfig()
 FULL = PipelineConfig(reduced_decode=False)
