@@ -52,10 +52,13 @@ class ExportError(Exception):
     pass
 
 
-# bf16 export vs the fp32 eager model, the same form of bound: bf16 keeps 8 significant bits, so its logit
-# error grows with the logit (bf16's spacing at |50| is 0.25). A wrong graph misses by the size of the logit
-# itself; the scores' real agreement is measured on the user's images (exporter/precision.py).
-BF16_RELATIVE = 0.02
+# bf16 export vs the fp32 eager model, the same form of bound. bf16 keeps 8 significant bits: the same
+# network merely rounded to bf16 (eager, no compiler) is off by up to 0.095 x (|logit| + scale) on the
+# verification images for the trained fixture (saturated colours drive its logits to 215), 0.016 for the
+# demo. 0.3 is ~3x that; a wrong graph (a lost layer, a flipped sign) misses by ~1-2x. This is only the
+# gross check: a bf16 archive's real agreement is measured in probability on the user's images
+# (exporter/precision.py, --max-delta).
+BF16_RELATIVE = 0.3
 
 
 class Bfloat16Logit(nn.Module):

@@ -310,7 +310,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--weight-decay", type=float, default=d.weight_decay)
     ap.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
     ap.add_argument("--pos-weight", default="1",
-                    help="BCE weight of melanoma images: a number, or 'auto' for negatives/positives in training")
+                    help="BCE weight of melanoma images: a number, or 'auto' for negatives/positives in the label file")
     ap.add_argument("--val-fraction", type=float, default=d.val_fraction)
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--no-augment", action="store_true", help="train on the served pixels only")

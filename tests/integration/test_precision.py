@@ -86,17 +86,27 @@ def test_bf16_archive_is_measured_and_says_so(bf16_store: tuple[Path, str], demo
 
 
 @pytest.mark.slow
-def test_bf16_agrees_on_trained_weights(compiler: None, trained_checkpoint: Path, heldout_data: Path,
-                                        tmp_path: Path) -> None:
+def test_bf16_agreement_measured_on_trained_weights(compiler: None, trained_checkpoint: Path, heldout_data: Path,
+                                                   tmp_path: Path) -> None:
     """The agreement that matters is a trained network's: the trained fixture in bf16, measured on 96 held-out
-    images of its task with labels, within the default bound, AUC kept."""
+    images of its task with labels. Whether bf16 meets the default 0.02 depends on the CPU's bf16 arithmetic
+    (measured here, AVX2 without native bf16: max |dp| 0.0161, mean 0.0004, AUC equal), so both outcomes are
+    checked for what they must be: written within the bound with the AUC kept, or refused with one line
+    naming the measured difference, nothing written."""
     proc = run_build(str(trained_checkpoint), "--precision", "bf16", "--no-explain", "--calibration-dir",
                      str(heldout_data / "jpeg"), "--calibration-labels", str(heldout_data / "train.csv"),
-                     output_dir=tmp_path)
-    prec = load_archive(tmp_path / "melanoma.mar").metadata["precision"]
-    assert prec["name"] == "bf16" and prec["images"] == 96 and prec["labelled"] == 96, proc.stderr
-    assert 0 < prec["max_abs_dp"] <= 0.02
-    assert prec["auc_fp32"] >= 0.95 and abs(prec["auc_reduced"] - prec["auc_fp32"]) <= 0.01
+                     output_dir=tmp_path, check=False)
+    report = next(ln for ln in proc.stderr.splitlines() if ln.startswith("bf16 vs fp32 on 96 calibration image(s)"))
+    max_dp = float(report.split("max |dp| ")[1].split(",")[0])
+    if proc.returncode == 0:
+        prec = load_archive(tmp_path / "melanoma.mar").metadata["precision"]
+        assert prec["name"] == "bf16" and prec["images"] == 96 and prec["labelled"] == 96
+        assert prec["max_abs_dp"] == pytest.approx(max_dp, abs=1e-4) and 0 < max_dp <= 0.02
+        assert prec["auc_fp32"] >= 0.95 and abs(prec["auc_reduced"] - prec["auc_fp32"]) <= 0.01
+    else:
+        errors = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()]
+        assert len(errors) == 1 and f"up to {max_dp:.4f}" in errors[0] and max_dp > 0.02, proc.stderr
+        assert list(tmp_path.iterdir()) == []
 
 
 @pytest.fixture(scope="module")
