@@ -10,11 +10,16 @@ import base64
 import binascii
 import json
 import logging
+import sys
+import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from ts.torch_handler.base_handler import BaseHandler
+from ts.torch_handler.request_envelope.base import BaseEnvelope
 
 from handler.explain import Explainer, explain_images, load_explainer
 from handler.pipeline import (
@@ -117,6 +122,42 @@ def is_explanation(context: Any, idx: int) -> bool:
         return False
 
 
+@dataclass
+class Request:
+    """One request row, parsed once: its image (or why it has none) and what it asked for."""
+
+    slot: int  # TorchServe's index for this request's headers, status and content type
+    payload: bytes = b""
+    tensor: torch.Tensor | None = None
+    explain: bool = False
+    overlay: bool = False
+    error: InputError | None = None
+    probability: float = float("nan")
+    body: dict[str, Any] = field(default_factory=dict)
+    status: int = 200
+
+
+def parse_request(row: Any, context: Any, slot: int) -> Request:
+    """The request record of one row; a row that cannot be read carries its InputError instead."""
+    req = Request(slot)
+    try:
+        if not isinstance(row, Mapping):
+            raise InputError(f"each request must be an object, got {type(row).__name__}: {HOW_TO_SEND}")
+        req.payload = request_bytes(row)
+        req.explain = is_explanation(context, slot)
+        req.overlay = req.explain and wants_overlay(row, request_headers(context, slot))
+    except InputError as e:
+        req.error = e
+    return req
+
+
+def called_by_envelope() -> bool:
+    """True when TorchServe's request envelope (service_envelope=kserve) called handle(): its rows are then
+    the "instances" of ONE request, answered as dicts it wraps in {"predictions": [...]}. Asked of the
+    caller, never guessed from the rows: a multipart text field named `data` looks just like an instance."""
+    return isinstance(sys._getframe(2).f_locals.get("self"), BaseEnvelope)
+
+
 class MelanomaHandler(BaseHandler):
     def initialize(self, context: Any) -> None:
         self.context = context
@@ -141,74 +182,90 @@ class MelanomaHandler(BaseHandler):
             str(self.metadata.get("weights_sha256"))[:12], archive.threads, self.cfg.tta_views,
             self.cfg.threshold,
         )
+        # The archive's own copy must run, never a checkout's handler/ that happens to be importable.
+        logger.info("handler code: %s", Path(__file__).resolve().parent)
         self.explainer: Explainer | None = None  # explain.pt is loaded on the first explanation only
-        self._inline = False
+        self.stage_ms: dict[str, float] = {}  # the last batch's preprocess / inference / postprocess times
         self.initialized = True
 
-    def handle(self, data: list[Mapping[str, Any]], context: Any) -> list[Any]:
-        # KServe's v1 envelope (service_envelope=kserve) hands us the "instances" of ONE request, each
-        # {"data": "<base64>"}: answer dicts, which it wraps in {"predictions": [...]}, with any error
-        # inline, since one HTTP status cannot speak for several instances.
-        self._inline = any(isinstance(row.get("data"), str) for row in data if isinstance(row, Mapping))
-        responses: list[Any] = [""] * len(data)
-        index, tensors, payloads = [], [], []
-        for i, row in enumerate(data):
-            try:
-                if not isinstance(row, Mapping):
-                    raise InputError(f"each request must be an object, got {type(row).__name__}: {HOW_TO_SEND}")
-                payload = request_bytes(row)
-                tensors.append(load_tensor(payload, self.cfg))
-                payloads.append(payload)
-                index.append(i)
-            except InputError as e:
-                responses[i] = self._reply(context, i, {"error": str(e), "code": e.status}, e.status)
-        logger.info("batch of %d: %d scored, %d rejected", len(data), len(index), len(data) - len(index))
-        if tensors:
-            try:
-                probabilities = self.scorer.predict(tensors)
-            except Exception:  # a model failure fails only the requests that reached the model
-                logger.exception("forward pass failed")
-                body = {"error": "the model failed on this batch; see the server log", "code": 500}
-                for i in index:
-                    responses[i] = self._reply(context, i, body, 500)
-                return responses
-            # Inline (KServe envelope): every instance belongs to request 0 and shares its headers.
-            explain = [j for j, i in enumerate(index) if is_explanation(context, 0 if self._inline else i)]
-            for j, (i, p) in enumerate(zip(index, probabilities, strict=True)):
-                if j not in explain:
-                    responses[i] = self._reply(context, i, result(p, self.cfg, self.metadata), 200)
-            if explain:
-                self._explain(context, data, responses, [index[j] for j in explain], [payloads[j] for j in explain],
-                              [probabilities[j] for j in explain], [tensors[j] for j in explain])
-        return responses
+    def handle(self, data: list[Any], context: Any) -> list[Any]:
+        inline = called_by_envelope()
+        # Enveloped, every instance belongs to request 0 and shares its headers.
+        requests = [parse_request(row, context, 0 if inline else i) for i, row in enumerate(data)]
+        t0 = time.perf_counter()
+        live = self.preprocess(requests)
+        t1 = time.perf_counter()
+        self.inference(live)
+        t2 = time.perf_counter()
+        self.postprocess(live)
+        t3 = time.perf_counter()
+        self.stage_ms = {"preprocess": 1e3 * (t1 - t0), "inference": 1e3 * (t2 - t1), "postprocess": 1e3 * (t3 - t2)}
+        logger.info("batch of %d: %d scored, %d rejected", len(data), len(live), len(data) - len(live))
+        return [self._reply(context, r, inline) for r in requests]
 
-    def _explain(self, context: Any, data: list[Mapping[str, Any]], responses: list[str], index: list[int],
-                 payloads: list[bytes], probabilities: list[float], tensors: list[torch.Tensor]) -> None:
+    def preprocess(self, requests: list[Request]) -> list[Request]:  # type: ignore[override]
+        """Decode and preprocess each request; the ones that fail carry their error and go no further."""
+        for r in requests:
+            if r.error is None:
+                try:
+                    r.tensor = load_tensor(r.payload, self.cfg)
+                except InputError as e:
+                    r.error = e
+            if r.error is not None:
+                r.body, r.status = {"error": str(r.error), "code": r.error.status}, r.error.status
+        return [r for r in requests if r.error is None]
+
+    def inference(self, requests: list[Request]) -> None:  # type: ignore[override]
+        """TTA probabilities for the batch; a model failure fails only the requests that reached the model."""
+        if not requests:
+            return
+        try:
+            probabilities = self.scorer.predict([r.tensor for r in requests])
+        except Exception:
+            logger.exception("forward pass failed")
+            self._fail(requests, {"error": "the model failed on this batch; see the server log", "code": 500})
+            return
+        for r, p in zip(requests, probabilities, strict=True):
+            r.probability = p
+
+    def postprocess(self, requests: list[Request]) -> None:  # type: ignore[override]
+        """The JSON answer of each scored request; Grad-CAM for those sent to /explanations."""
+        for r in requests:
+            if r.status == 200 and not r.explain:
+                r.body = result(r.probability, self.cfg, self.metadata)
+        explain = [r for r in requests if r.status == 200 and r.explain]
+        if explain:
+            self._explain(explain)
+
+    def _explain(self, requests: list[Request]) -> None:
         """Grad-CAM for the requests sent to /explanations; the probability is the one just computed."""
         try:
             if self.explainer is None:
                 self.explainer = load_explainer(self._archive)
-            bodies = explain_images(self.explainer, payloads, probabilities, self.metadata,
-                                    [wants_overlay(data[i], request_headers(context, 0 if self._inline else i))
-                                     for i in index], tensors)
+            bodies = explain_images(self.explainer, [r.payload for r in requests], [r.probability for r in requests],
+                                    self.metadata, [r.overlay for r in requests],
+                                    [r.tensor for r in requests])  # type: ignore[misc]
         except InputError as e:
-            for i in index:
-                responses[i] = self._reply(context, i, {"error": str(e), "code": e.status}, e.status)
+            self._fail(requests, {"error": str(e), "code": e.status})
             return
         except Exception:
             logger.exception("explanation failed")
-            for i in index:
-                body = {"error": "the explanation failed; see the server log", "code": 500}
-                responses[i] = self._reply(context, i, body, 500)
+            self._fail(requests, {"error": "the explanation failed; see the server log", "code": 500})
             return
-        for i, body in zip(index, bodies, strict=True):
-            responses[i] = self._reply(context, i, body, 200)
+        for r, body in zip(requests, bodies, strict=True):
+            r.body = body
         release_memory()  # autograd buffers of the backward pass: give them back (t2.micro)
 
-    def _reply(self, context: Any, idx: int, body: dict[str, Any], status: int) -> Any:
-        if self._inline:
-            return body
-        context.set_response_content_type(idx, JSON)
-        if status != 200:
-            context.set_response_status(status, PHRASES.get(status, "Error"), idx)
-        return json.dumps(body)
+    @staticmethod
+    def _fail(requests: list[Request], body: dict[str, Any]) -> None:
+        for r in requests:
+            r.body, r.status = body, body["code"]
+
+    @staticmethod
+    def _reply(context: Any, r: Request, inline: bool) -> Any:
+        if inline:  # one HTTP status cannot speak for several instances: errors stay in the body
+            return r.body
+        context.set_response_content_type(r.slot, JSON)
+        if r.status != 200:
+            context.set_response_status(r.status, PHRASES.get(r.status, "Error"), r.slot)
+        return json.dumps(r.body)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -128,6 +129,29 @@ def test_batch_with_one_corrupt_request(server_of: Server, offline_of: LoadedArc
     assert server_of.log().count("batch of 4") > before, "the four requests were not batched together"
 
 
+def test_text_field_named_data_beside_ordinary_requests(server: Server, offline: LoadedArchive) -> None:
+    """A multipart text field `data` holding base64 looks like a KServe instance; it must not switch its
+    batch-mates to envelope answers: each request keeps its own status and JSON answer."""
+    images = [encode(lesion_rgb(seed=s)) for s in range(20, 23)]
+    url, h = f"{server.url}/predictions/melanoma", server.headers()
+    calls = [
+        lambda: requests.post(url, files={"data": (None, base64.b64encode(images[0]).decode())}, headers=h,
+                              timeout=120),
+        lambda: server.predict(images[1]),
+        lambda: server.predict(b"\xff\xd8\xff\xe0 corrupt"),
+        lambda: server.predict(images[2]),
+    ]
+    before = server.log().count("batch of 4")
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda call: call(), calls))
+    assert [r.status_code for r in answers] == [200, 200, 400, 200], [r.text for r in answers]
+    for img, r in zip(images, [answers[0], answers[1], answers[3]], strict=True):
+        assert r.headers["Content-Type"].startswith("application/json")
+        assert abs(r.json()["probability"] - offline.score(img)["probability"]) <= 1e-4
+    assert answers[2].json()["code"] == 400
+    assert server.log().count("batch of 4") > before, "the four requests were not batched together"
+
+
 def test_token_is_required(server: Server) -> None:
     data = encode(lesion_rgb(seed=5))
     url = f"{server.url}/predictions/melanoma"
@@ -152,6 +176,9 @@ def test_server_healthy_afterwards(server: Server) -> None:
     assert r.status_code == 200 and r.json()["status"] == "Healthy"
     assert "Worker disconnected" not in server.log("ts_log.log")
     assert server.log().count("melanoma model") == 1  # the worker was initialised once: never restarted
+    # the worker runs the archive's handler package, not the checkout's (importable from .venv by name)
+    code = re.search(r"handler code: (\S+)", server.log())
+    assert code and not Path(code.group(1)).is_relative_to(ROOT), code
 
 
 def test_client_predict_script(server: Server, offline: LoadedArchive, demo_archive: Path, tmp_path: Path) -> None:

@@ -40,3 +40,37 @@ def test_bad_bodies(row: dict, status: int, words: str) -> None:
     with pytest.raises(InputError) as e:
         request_bytes(row)
     assert e.value.status == status and words in str(e.value)
+
+
+def test_envelope_is_asked_of_the_caller_not_guessed_from_rows() -> None:
+    """Rows look the same either way ({"data": "<base64>"} is also a multipart text field): only being
+    called by TorchServe's envelope makes the answers inline."""
+    from handler.melanoma_handler import BaseEnvelope, called_by_envelope  # TorchServe's, via the adapter
+
+    def handle(data: list, context: object) -> list:
+        return [called_by_envelope()]
+
+    class Envelope(BaseEnvelope):
+        def parse_input(self, data: list) -> list:
+            return data
+
+        def format_output(self, data: list) -> list:
+            return data
+
+    rows = [{"data": base64.b64encode(JPEG).decode()}]
+    assert Envelope(handle).handle(rows, None) == [True]
+    assert handle(rows, None) == [False]
+
+
+def test_each_row_is_parsed_once_into_its_own_record() -> None:
+    from handler.melanoma_handler import parse_request
+
+    class Context:
+        def get_request_header(self, idx: int, name: str) -> str | None:
+            return {(1, "explain"): "True", (1, "X-Overlay"): "yes"}.get((idx, name))
+
+    good, explained, bad = (parse_request(row, Context(), i) for i, row in
+                            enumerate([{"body": JPEG}, {"data": JPEG}, {"photo": JPEG}]))
+    assert (good.payload, good.explain, good.overlay, good.error) == (JPEG, False, False, None)
+    assert (explained.slot, explained.explain, explained.overlay) == (1, True, True)
+    assert bad.error is not None and bad.error.status == 400 and "fields: photo" in str(bad.error)

@@ -1,0 +1,80 @@
+"""Binary-classification metrics for melanoma scores, in numpy alone (no scikit-learn on a t2.micro)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Roc:
+    fpr: np.ndarray
+    tpr: np.ndarray
+    thresholds: np.ndarray  # predict "malignant" when p >= threshold
+
+
+def roc_curve(y: np.ndarray, p: np.ndarray) -> Roc:
+    """ROC points at every distinct score, from (0, 0) to (1, 1); ties move together."""
+    y = np.asarray(y, dtype=bool)
+    p = np.asarray(p, dtype=np.float64)
+    order = np.argsort(-p, kind="mergesort")
+    p_sorted, y_sorted = p[order], y[order]
+    last_of_tie = np.r_[np.nonzero(np.diff(p_sorted))[0], len(p_sorted) - 1]
+    tp = np.cumsum(y_sorted)[last_of_tie]
+    fp = np.cumsum(~y_sorted)[last_of_tie]
+    pos, neg = y.sum(), (~y).sum()
+    return Roc(np.r_[0.0, fp / neg], np.r_[0.0, tp / pos], np.r_[np.inf, p_sorted[last_of_tie]])
+
+
+def auc(y: np.ndarray, p: np.ndarray) -> float:
+    """Area under the ROC curve (= P(score of a melanoma > score of a benign), ties count half)."""
+    r = roc_curve(y, p)
+    return float(np.trapezoid(r.tpr, r.fpr))
+
+
+def partial_auc_above_tpr(y: np.ndarray, p: np.ndarray, min_tpr: float = 0.8) -> float:
+    """Area under the ROC curve and above TPR = min_tpr (ISIC 2024's metric); at most 1 - min_tpr."""
+    r = roc_curve(y, p)
+    # Insert the exact crossing points with TPR = min_tpr, then integrate max(tpr - min_tpr, 0).
+    fpr, tpr = [r.fpr[0]], [r.tpr[0]]
+    for i in range(1, len(r.fpr)):
+        f0, t0, f1, t1 = r.fpr[i - 1], r.tpr[i - 1], r.fpr[i], r.tpr[i]
+        if (t0 - min_tpr) * (t1 - min_tpr) < 0:
+            fpr.append(f0 + (min_tpr - t0) / (t1 - t0) * (f1 - f0))
+            tpr.append(min_tpr)
+        fpr.append(f1)
+        tpr.append(t1)
+    return float(np.trapezoid(np.maximum(np.array(tpr) - min_tpr, 0.0), np.array(fpr)))
+
+
+def sens_spec(y: np.ndarray, p: np.ndarray, threshold: float) -> tuple[float, float]:
+    y = np.asarray(y, dtype=bool)
+    pred = np.asarray(p) >= threshold
+    return float((pred & y).sum() / y.sum()), float((~pred & ~y).sum() / (~y).sum())
+
+
+def threshold_for_sensitivity(y: np.ndarray, p: np.ndarray, sensitivity: float) -> tuple[float, float, float]:
+    """The highest threshold whose sensitivity is at least `sensitivity`; returns (threshold, sens, spec)."""
+    r = roc_curve(y, p)
+    i = int(np.argmax(r.tpr >= sensitivity))  # first (highest-threshold) point reaching it
+    t = float(r.thresholds[i])
+    s, sp = sens_spec(y, p, t)
+    return t, s, sp
+
+
+def bootstrap_auc_ci(y: np.ndarray, p: np.ndarray, n: int = 1000, seed: int = 0,
+                     level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap over images; resamples holding one class only are skipped."""
+    rng = np.random.default_rng(seed)
+    y = np.asarray(y, dtype=bool)
+    p = np.asarray(p, dtype=np.float64)
+    vals = []
+    for _ in range(n):
+        idx = rng.integers(0, len(y), len(y))
+        yb = y[idx]
+        if yb.all() or not yb.any():
+            continue
+        vals.append(auc(yb, p[idx]))
+    lo, hi = np.percentile(vals, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    return float(lo), float(hi)
