@@ -21,18 +21,10 @@ from exporter.export import (
     verification_images,
     verify,
 )
-from handler.pipeline import load_model
+from handler.archive import load_model
+from testkit.variants import scaled, seeded_variant
 
 pytestmark = pytest.mark.slow
-
-
-def scaled(ckpt: LoadedCheckpoint, factor: float) -> LoadedCheckpoint:
-    """The same network with its head scaled: logits `factor` times larger, as a more confident head gives."""
-    module = copy.deepcopy(ckpt.module)
-    with torch.no_grad():
-        module.fc.weight.mul_(factor)
-        module.fc.bias.mul_(factor)
-    return LoadedCheckpoint(module, 1, ckpt.form, "scaled", [])
 
 
 def photo_logits(ckpt: LoadedCheckpoint) -> torch.Tensor:
@@ -40,9 +32,14 @@ def photo_logits(ckpt: LoadedCheckpoint) -> torch.Tensor:
         return MalignancyLogit(ckpt.module, 1).eval()(verification_images(128)).flatten()
 
 
-@pytest.mark.parametrize("which", ["demo", "trained", "trained, head x8"])
+@pytest.mark.parametrize("which", ["demo", "trained", "trained, head x8", "seeded, logits to +-30"])
 def test_faithful_exports_pass(which: str, trained_checkpoint: Path) -> None:
-    ckpt = demo_checkpoint() if which == "demo" else load_checkpoint(trained_checkpoint)
+    if which.startswith("seeded"):
+        ckpt = LoadedCheckpoint(seeded_variant(1, 30.0), 1, "module", "seeded", [])
+        logits = photo_logits(ckpt)
+        assert float(logits.abs().max()) == pytest.approx(30.0, abs=0.01) and logits.min() < -10 < 10 < logits.max()
+    else:
+        ckpt = demo_checkpoint() if which == "demo" else load_checkpoint(trained_checkpoint)
     if which.endswith("x8"):
         ckpt = scaled(ckpt, 8)
         logits = photo_logits(ckpt)
