@@ -32,15 +32,8 @@ from exporter.export import (
     export_torchscript,
 )
 from exporter.precision import INT8_REFUSAL, PrecisionError, calibration_images, measure
-from handler.pipeline import (
-    BF16_MODEL_FILE,
-    EXPLAIN_FILE,
-    METADATA_FILE,
-    MODEL_CONFIG_FILE,
-    MODEL_FILE,
-    TTA_CHOICES,
-    PipelineConfig,
-)
+from handler.archive import BF16_MODEL_FILE, EXPLAIN_FILE, METADATA_FILE, MODEL_CONFIG_FILE, MODEL_FILE, ArchiveMetadata
+from handler.pipeline import TTA_CHOICES, PipelineConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 HANDLER_DIR = ROOT / "handler"
@@ -176,24 +169,24 @@ def build(args: argparse.Namespace) -> Path:
         tmp = Path(tmp_s)
         model_path = tmp / model_file
         model_path.write_bytes(model_bytes)
-        meta = {
-            "name": args.model_name,
-            "version": version,
-            "architecture": ARCHITECTURE,
-            "head": ckpt.head,
-            "outputs": ckpt.outputs,
-            "checkpoint_form": ckpt.form,
-            "source_file": source,
-            "weights_sha256": ckpt.sha256,
-            "model_file": model_file,
-            "model_sha256": file_sha256(model_path),
-            "demo": demo,
-            "precision": precision,
-            "explain": None if explain_bytes is None else {"file": EXPLAIN_FILE, "method": "grad-cam",
-                                                           "layer": EXPLAIN_LAYER},
-            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "versions": versions(),
-        }
+        meta = ArchiveMetadata(
+            name=args.model_name,
+            version=version,
+            architecture=ARCHITECTURE,
+            head=ckpt.head,
+            outputs=ckpt.outputs,
+            checkpoint_form=ckpt.form,
+            source_file=source,
+            weights_sha256=ckpt.sha256,
+            model_file=model_file,
+            model_sha256=file_sha256(model_path),
+            demo=demo,
+            precision=precision,
+            explain=None if explain_bytes is None else {"file": EXPLAIN_FILE, "method": "grad-cam",
+                                                        "layer": EXPLAIN_LAYER},
+            created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            versions=versions(),
+        ).to_mapping()  # the reader's own record: what it cannot load is never written
         extra_files = [tmp / "extra", tmp / METADATA_FILE]
         if explain_bytes is not None:
             (tmp / EXPLAIN_FILE).write_bytes(explain_bytes)

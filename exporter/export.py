@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from exporter.checkpoint import LoadedCheckpoint, build_model, tensors_sha256
-from handler.pipeline import load_model
+from handler.archive import load_model
 
 DEMO_SEED = 20200817  # fixed: the demo archive is the same on every machine with the same torch
 # The export is verified against the eager model with |dlogit| <= RTOL * (|logit| + scale), where scale is

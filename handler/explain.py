@@ -10,23 +10,15 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from handler.pipeline import (
-    EXPLAIN_FILE,
-    InputError,
-    LoadedArchive,
-    PipelineConfig,
-    decode_image,
-    preprocess,
-    result,
-    tta_views,
-)
+from handler.archive import ArchiveMetadata, LoadedArchive, result
+from handler.pipeline import InputError, PipelineConfig, decode_image, preprocess, tta_views
 
 # Heatmaps are upsampled to the input image's size, but no side beyond this: a 24 MP photo's full-size
 # map would be ~200 MB of JSON (TorchServe's max_response_size is 6.5 MB by default).
@@ -77,15 +69,15 @@ class Explainer:
 
 
 def load_explainer(archive: LoadedArchive) -> Explainer:
-    info = archive.metadata.get("explain") or {}
-    if not info or not archive.has_member(info.get("file", EXPLAIN_FILE)):
+    info = archive.metadata.explain or {}
+    if not info or not archive.has_member(info["file"]):
         raise InputError("this archive was built without explanations (build_mar.sh --no-explain); "
                          "rebuild it without that flag", 501)
-    f = io.BytesIO(archive.read_member(info.get("file", EXPLAIN_FILE)))
+    f = io.BytesIO(archive.read_member(info["file"]))
     parts = torch.jit.load(f, map_location="cpu").eval()
     for p in parts.parameters():
         p.requires_grad_(False)
-    return Explainer(parts, archive.cfg, str(info.get("layer", "")))
+    return Explainer(parts, archive.cfg, str(info["layer"]))
 
 
 def original_size(data: bytes) -> tuple[int, int]:
@@ -131,14 +123,13 @@ def overlay_png(rgb: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> bytes
 
 
 def explain_images(explainer: Explainer, images: Sequence[bytes], probabilities: Sequence[float],
-                   model_info: Mapping[str, Any], overlay: Sequence[bool],
+                   model_info: ArchiveMetadata, overlay: Sequence[bool],
                    tensors: Sequence[torch.Tensor] | None = None) -> list[dict[str, Any]]:
     """Responses for images whose probabilities pipeline.Scorer gave: result() plus `explanation`.
     `tensors`: the images already preprocessed for that score (else they are decoded here)."""
     cfg = explainer.cfg
     # explain.pt is always fp32: beside a bf16 model.pt the two agree only within the build's measured bound.
-    precision = model_info.get("precision") or {}
-    tolerance = max(P_TOLERANCE, 2 * float(precision.get("bound", 0.0)))
+    tolerance = max(P_TOLERANCE, 2 * float(model_info.precision.get("bound", 0.0)))
     if tensors is None:
         tensors = [preprocess(decode_image(d, cfg), cfg) for d in images]
     cams, logits = explainer.cams(tensors)

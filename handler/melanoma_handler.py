@@ -21,16 +21,9 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 from ts.torch_handler.request_envelope.base import BaseEnvelope
 
+from handler.archive import load_archive, precision_warning, release_memory, result
 from handler.explain import Explainer, explain_images, load_explainer
-from handler.pipeline import (
-    InputError,
-    load_archive,
-    load_tensor,
-    precision_of,
-    precision_warning,
-    release_memory,
-    result,
-)
+from handler.pipeline import InputError, load_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -171,15 +164,15 @@ class MelanomaHandler(BaseHandler):
         self.cfg, self.metadata, self.scorer = archive.cfg, archive.metadata, archive.scorer
         self.scorer.warm_up()
         release_memory()
-        if self.metadata.get("demo"):
+        if self.metadata.demo:
             logger.warning("serving the untrained DEMO model: its scores mean nothing")
-        warning = precision_warning(precision_of(self.metadata))
+        warning = precision_warning(self.metadata.precision_name)
         if warning:
             logger.warning(warning)
         logger.info(
             "melanoma model %s (%s, %s, sha256 %s) ready: %d threads, %d TTA views, threshold %.4f",
-            self.metadata.get("version"), self.metadata.get("checkpoint_form"), precision_of(self.metadata),
-            str(self.metadata.get("weights_sha256"))[:12], archive.threads, self.cfg.tta_views,
+            self.metadata.version, self.metadata.checkpoint_form, self.metadata.precision_name,
+            self.metadata.weights_sha256[:12], archive.threads, self.cfg.tta_views,
             self.cfg.threshold,
         )
         # The archive's own copy must run, never a checkout's handler/ that happens to be importable.

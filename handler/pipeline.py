@@ -7,45 +7,29 @@ serving and offline scores cannot drift apart. It must not import TorchServe.
 
 from __future__ import annotations
 
-import ctypes
 import io
-import json
 import os
-import warnings
-import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 # albumentations checks PyPI for updates at import unless told not to: never touch the network.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import albumentations as A  # noqa: E402
+import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import yaml  # noqa: E402
 from PIL import Image, ImageOps, UnidentifiedImageError  # noqa: E402
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TTA_CHOICES = (1, 2, 4, 8)
+INTERPOLATIONS = {"nearest": cv2.INTER_NEAREST, "linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC,
+                  "area": cv2.INTER_AREA, "lanczos4": cv2.INTER_LANCZOS4}
 # Formats Pillow decodes without external delegates. MPO is what many phone cameras write as JPEG.
 ALLOWED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF"})
-DEMO_WARNING = (
-    "DEMO MODEL: untrained weights from a fixed seed. This score means nothing; "
-    "build the archive from your own checkpoint (./build_mar.sh your.ckpt)."
-)
-
-# Names of the files inside the .mar (and the export folder) that this module reads.
-MODEL_FILE = "model.pt"
-BF16_MODEL_FILE = "model.pt2"  # AOTInductor package (exporter/export.py: export_bf16)
-MODEL_CONFIG_FILE = "model-config.yaml"
-METADATA_FILE = "metadata.json"
-EXPLAIN_FILE = "explain.pt"  # Grad-CAM parts (handler/explain.py); absent in --no-explain archives
-
-
 class InputError(ValueError):
     """A request that cannot be scored; `status` is the HTTP code the caller should answer with."""
 
@@ -68,6 +52,11 @@ class PipelineConfig:
     max_image_pixels: int = 50_000_000
     # Decode JPEGs at a reduced DCT scale that keeps the shorter side >= 2x image_size.
     reduced_decode: bool = True
+    # The resize training used: OpenCV `interpolation`, and INTER_AREA whenever the image shrinks
+    # (albumentations' area_for_downscale="image"). Part of the contract, so a checkpoint trained with
+    # another resize says so in its archive instead of being served through this one.
+    interpolation: str = "linear"
+    area_for_downscale: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
@@ -80,6 +69,8 @@ class PipelineConfig:
             raise ValueError("image_size must be >= 16 and mean/std must have 3 values")
         if any(s <= 0 for s in self.std) or self.max_pixel_value <= 0 or self.max_image_pixels <= 0:
             raise ValueError("std, max_pixel_value and max_image_pixels must be positive")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], ignore: Sequence[str] = ()) -> PipelineConfig:
@@ -164,7 +155,8 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
 
 @lru_cache(maxsize=8)
 def _resize(cfg: PipelineConfig) -> A.Resize:
-    return A.Resize(cfg.image_size, cfg.image_size, area_for_downscale="image")
+    return A.Resize(cfg.image_size, cfg.image_size, interpolation=INTERPOLATIONS[cfg.interpolation],
+                    area_for_downscale="image" if cfg.area_for_downscale else None)
 
 
 @lru_cache(maxsize=8)
@@ -216,57 +208,7 @@ def view_probabilities(logits: torch.Tensor, n: int, views: int) -> torch.Tensor
     return torch.sigmoid(logits.reshape(views, n).double()).mean(dim=0)
 
 
-Model = Callable[[torch.Tensor], torch.Tensor]
-
-
-def load_model(source: bytes | str | os.PathLike[str], precision: str = "fp32") -> Model:
-    """Load the archive's model and optimise it for this CPU.
-
-    fp32: frozen TorchScript. optimize_for_inference (oneDNN prepacked convolutions, conv-BN folding)
-    measured ~15-25 % faster than the frozen module here, but its result cannot be saved and reloaded, so
-    it runs at load time. bf16: an AOTInductor package, compiled at build time (check_runtime says whether
-    this machine can run it). The build verifies exactly this load path against the eager model.
-    """
-    if precision == "bf16":
-        return _load_aoti(source)
-    # From a path when there is one: reading the file into bytes first would hold a second copy
-    # of the weights (~115 MB) in the worker for as long as the allocator keeps it.
-    f = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else str(source)
-    model = torch.jit.load(f, map_location="cpu").eval()
-    try:
-        return torch.jit.optimize_for_inference(model)
-    except Exception as e:  # pragma: no cover - depends on the CPU/oneDNN build
-        warnings.warn(f"optimize_for_inference failed ({e}); serving the frozen model", stacklevel=2)
-        return model
-
-
-def _load_aoti(source: bytes | str | os.PathLike[str]) -> Model:
-    """An AOTInductor package, loaded the way torch._inductor.aoti_load_package does once past its device
-    check: that check compiles test programs with g++ in the serving process (and only warns). check_runtime
-    has already matched this CPU's flags to the package's, without a compiler."""
-    import tempfile
-
-    from torch.export.pt2_archive._package import AOTICompiledModel
-
-    def load(path: str) -> Model:
-        # Extracts the package's shared library to a temporary folder, maps it, removes the folder when freed.
-        return AOTICompiledModel(torch._C._aoti.AOTIModelPackageLoader(path, "model", False, 1, -1))
-
-    if isinstance(source, (bytes, bytearray)):
-        with tempfile.NamedTemporaryFile(suffix=".pt2") as f:
-            f.write(source)
-            f.flush()
-            return load(f.name)
-    return load(str(source))
-
-
-def release_memory() -> None:
-    """Hand freed heap back to the OS (glibc keeps it otherwise): after loading and optimising the
-    model this takes the worker from ~590 to ~420 MiB RSS, which decides whether a t2.micro fits."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
+Model = Callable[[torch.Tensor], torch.Tensor]  # N x 3 x S x S -> N x 1 logits (handler/archive.py loads it)
 
 
 class Scorer:
@@ -294,149 +236,3 @@ class Scorer:
         dummy = torch.zeros(3, self.cfg.image_size, self.cfg.image_size)
         for _ in range(runs):
             self.predict([dummy])
-
-
-def result(probability: float, cfg: PipelineConfig, model_info: Mapping[str, Any]) -> dict[str, Any]:
-    """The response schema shared by the handler and the client's offline mode."""
-    out: dict[str, Any] = {
-        "probability": probability,
-        "label": "malignant" if probability >= cfg.threshold else "benign",
-        "threshold": cfg.threshold,
-        "tta_views": cfg.tta_views,
-        "model": {
-            "name": model_info.get("name", "melanoma"),
-            "version": model_info.get("version", ""),
-            "weights_sha256": model_info.get("weights_sha256", ""),
-            "demo": bool(model_info.get("demo", False)),
-            "precision": precision_of(model_info),
-        },
-    }
-    if out["model"]["demo"]:
-        out["warning"] = DEMO_WARNING
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Archives: the exported model folder, or the .mar that packs it
-# ---------------------------------------------------------------------------------------------
-
-
-RUNTIME_KEYS = ("threads",)  # handler settings that are not part of the scoring contract
-
-
-def read_model_config(text: str) -> tuple[PipelineConfig, dict[str, Any]]:
-    """Parse model-config.yaml; return the pipeline contract and the handler section."""
-    doc = yaml.safe_load(text) or {}
-    section = doc.get("handler") or {}
-    return PipelineConfig.from_mapping(section, ignore=RUNTIME_KEYS), dict(section)
-
-
-def usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-@dataclass
-class LoadedArchive:
-    scorer: Scorer
-    cfg: PipelineConfig
-    metadata: dict[str, Any]
-    threads: int
-    source: Path
-
-    def score(self, data: bytes) -> dict[str, Any]:
-        return result(self.scorer.predict_bytes(data), self.cfg, self.metadata)
-
-    def has_member(self, name: str) -> bool:
-        if self.source.is_dir():
-            return (self.source / name).is_file()
-        with zipfile.ZipFile(self.source) as z:
-            return name in z.namelist()
-
-    def read_member(self, name: str) -> bytes:
-        """A file of the archive, read when needed (explain.pt is only loaded on a first explanation)."""
-        if self.source.is_dir():
-            return (self.source / name).read_bytes()
-        with zipfile.ZipFile(self.source) as z:
-            return z.read(name)
-
-
-def load_archive(path: str | os.PathLike[str], threads: int | None = None,
-                 model_file: str | None = None) -> LoadedArchive:
-    """Load a .mar (zip) or an unpacked archive folder (what TorchServe hands the handler).
-
-    Torch threads: `threads`, else the archive's `threads` setting, else every CPU this process may use;
-    the server and the offline tools thus run the same way. The model file is `model_file`, else the
-    one the metadata names (model.pt for fp32, model.pt2 for bf16).
-    """
-    p = Path(path)
-    if p.is_dir():
-        read = lambda name: (p / name).read_bytes()  # noqa: E731
-    elif zipfile.is_zipfile(p):
-        read = zipfile.ZipFile(p).read
-    else:
-        raise FileNotFoundError(f"{p}: not a .mar archive or archive folder")
-    cfg, section = read_model_config(read(MODEL_CONFIG_FILE).decode())
-    metadata = json.loads(read(METADATA_FILE))
-    check_runtime(metadata)
-    model_file = model_file or str(metadata.get("model_file") or MODEL_FILE)
-    model_source: bytes | Path = p / model_file if p.is_dir() else read(model_file)
-    threads = threads or int(section.get("threads") or 0) or usable_cpus()
-    torch.set_num_threads(threads)
-    model = load_model(model_source, precision_of(metadata))
-    return LoadedArchive(Scorer(model, cfg), cfg, metadata, threads, p)
-
-
-def precision_of(metadata: Mapping[str, Any]) -> str:
-    return str((metadata.get("precision") or {}).get("name", "fp32"))
-
-
-# CPU features without which a precision runs slower than fp32 (oneDNN emulates bf16 otherwise).
-PRECISION_CPU_FLAGS = {"bf16": ("avx512_bf16", "amx_bf16")}
-
-
-def precision_warning(precision: str, cpuinfo: str | None = None) -> str | None:
-    """A warning when this CPU lacks the instructions that make `precision` fast, else None."""
-    flags_needed = PRECISION_CPU_FLAGS.get(precision)
-    if not flags_needed:
-        return None
-    flags = cpu_flags(cpuinfo)
-    if not flags:
-        return f"cannot read /proc/cpuinfo to check that this CPU runs {precision} at speed"
-    if flags & set(flags_needed):
-        return None
-    return (f"this archive is {precision}, but this CPU has none of {', '.join(flags_needed)}: {precision} is "
-            f"emulated and slower than fp32 here; build the archive with --precision fp32 for this machine")
-
-
-def cpu_flags(cpuinfo: str | None = None) -> set[str]:
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return set()
-    return set(next((ln.split(":", 1)[1].split() for ln in cpuinfo.splitlines() if ln.startswith("flags")), []))
-
-
-def check_runtime(metadata: Mapping[str, Any], cpuinfo: str | None = None) -> None:
-    """Refuse, with what to do, an archive whose compiled model this machine cannot run: an AOTInductor
-    package is native code for one torch version and one CPU vector ISA, and running it elsewhere would
-    crash the worker (illegal instruction) or fail deep inside torch."""
-    precision = metadata.get("precision") or {}
-    if precision.get("name", "fp32") == "fp32":
-        return
-    if precision.get("format") != "aotinductor":
-        raise RuntimeError(f"this {precision.get('name')} archive was built by an earlier version in a format "
-                           "no longer served; rebuild it with ./build_mar.sh --precision bf16")
-    rebuild = "rebuild it on this machine (./build_mar.sh --precision bf16 ...) or use an fp32 archive"
-    built_with = str(precision.get("torch", ""))
-    if built_with != torch.__version__:
-        raise RuntimeError(f"this bf16 archive was compiled for torch {built_with}, this is torch "
-                           f"{torch.__version__}: {rebuild}")
-    have = cpu_flags(cpuinfo)
-    missing = [f for f in precision.get("cpu_flags", []) if f not in have] if have else []
-    if missing:
-        raise RuntimeError(f"this bf16 archive was compiled for CPUs with {', '.join(precision['cpu_flags'])}; "
-                           f"this CPU lacks {', '.join(missing)}: {rebuild}")

@@ -130,7 +130,7 @@ _LOADED: dict[Path, object] = {}
 @pytest.fixture
 def offline_of(archive_of: Path) -> object:
     """The in-process pipeline over the same archive the server serves (loaded once per session)."""
-    from handler.pipeline import load_archive
+    from handler.archive import load_archive
 
     if archive_of not in _LOADED:
         _LOADED[archive_of] = load_archive(archive_of)

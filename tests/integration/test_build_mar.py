@@ -14,8 +14,9 @@ import yaml
 
 from exporter.checkpoint import build_model, load_checkpoint
 from exporter.export import demo_checkpoint
+from handler.archive import load_archive
 from handler.explain import explain_images, load_explainer
-from handler.pipeline import InputError, PipelineConfig, load_archive, load_tensor, tta_views
+from handler.pipeline import InputError, PipelineConfig, load_tensor, tta_views
 from testkit.harness import ROOT, run_build
 from testkit.imaging import encode, lesion_rgb
 from train.synthetic import lesion
@@ -83,8 +84,8 @@ def test_checkpoint_archive_scores_equal_the_eager_model(weights: str, outputs: 
                      output_dir=store)
     assert "Lightning checkpoint" in proc.stderr
     archive = load_archive(store / "melanoma.mar")
-    assert archive.metadata["demo"] is False and archive.metadata["version"] == "2.1"
-    assert archive.metadata["head"] == ("softmax" if outputs == 2 else "sigmoid")
+    assert archive.metadata.demo is False and archive.metadata.version == "2.1"
+    assert archive.metadata.head == ("softmax" if outputs == 2 else "sigmoid")
     cfg = archive.cfg
     probs = []
     for seed in range(4):
@@ -122,7 +123,7 @@ def test_tta_views_option_reaches_the_archive(views: int, tmp_path: Path) -> Non
     assert archive.cfg.tta_views == views
     data = encode(lesion_rgb(seed=1), "JPEG")
     if extra:
-        assert archive.metadata["explain"] is None and not archive.has_member("explain.pt")
+        assert archive.metadata.explain is None and not archive.has_member("explain.pt")
         assert (tmp_path / "melanoma.mar").stat().st_size < 150 * 2**20
         with pytest.raises(InputError) as e:
             load_explainer(archive)
@@ -202,4 +203,4 @@ def test_two_builds_at_once_do_not_collide(tmp_path: Path) -> None:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err
     for out in outs:
-        assert load_archive(out / "melanoma.mar").metadata["demo"] is True
+        assert load_archive(out / "melanoma.mar").metadata.demo is True

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from handler.pipeline import load_archive
+from handler.archive import load_archive
 from testkit.harness import ROOT, Server, start_server, stop_server
 from testkit.imaging import encode, lesion_rgb
 

@@ -15,7 +15,7 @@ import pytest
 import requests
 from PIL import Image
 
-from handler.pipeline import LoadedArchive, load_archive
+from handler.archive import LoadedArchive, load_archive
 from testkit.harness import ROOT, Server
 from testkit.imaging import encode, lesion_rgb
 

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from exporter.export import cxx_compiler
+from handler.archive import check_runtime, cpu_flags, load_archive, precision_warning
 from handler.explain import explain_images, load_explainer
-from handler.pipeline import check_runtime, cpu_flags, load_archive, precision_warning
 from testkit.harness import ROOT, Server, missing_system_tool, run_build, start_server, stop_server
 from testkit.imaging import encode, lesion_rgb
 
@@ -62,14 +62,14 @@ def test_bf16_archive_is_measured_and_says_so(bf16_store: tuple[Path, str], demo
     names = zipfile.ZipFile(store / "melanoma.mar").namelist()
     assert "model.pt2" in names and "model.pt" not in names  # the compiled package, not TorchScript
     archive = load_archive(store / "melanoma.mar")
-    prec = archive.metadata["precision"]
+    prec = archive.metadata.precision
     assert prec["name"] == "bf16" and prec["images"] == 24 and prec["labelled"] == 24 and prec["bound"] == 0.02
     assert 0 < prec["max_abs_dp"] <= 0.02 and prec["mean_abs_dp"] <= prec["max_abs_dp"]
     assert "auc_fp32" in prec and "auc_reduced" in prec
     assert prec["format"] == "aotinductor" and prec["torch"] == torch.__version__
     # the flags of the vector ISA Inductor picked on this machine, whatever CPU that is
     assert prec["cpu_flags"] and set(prec["cpu_flags"]) <= cpu_flags()
-    assert archive.metadata["model_file"] == "model.pt2"
+    assert archive.metadata.model_file == "model.pt2"
     fp32 = load_archive(demo_archive)
     diffs = []
     for seed in range(500, 506):  # images the build never saw
@@ -99,7 +99,7 @@ def test_bf16_agreement_measured_on_trained_weights(compiler: None, trained_chec
     report = next(ln for ln in proc.stderr.splitlines() if ln.startswith("bf16 vs fp32 on 96 calibration image(s)"))
     max_dp = float(report.split("max |dp| ")[1].split(",")[0])
     if proc.returncode == 0:
-        prec = load_archive(tmp_path / "melanoma.mar").metadata["precision"]
+        prec = load_archive(tmp_path / "melanoma.mar").metadata.precision
         assert prec["name"] == "bf16" and prec["images"] == 96 and prec["labelled"] == 96
         assert prec["max_abs_dp"] == pytest.approx(max_dp, abs=1e-4) and 0 < max_dp <= 0.02
         assert prec["auc_fp32"] >= 0.95 and abs(prec["auc_reduced"] - prec["auc_fp32"]) <= 0.01
@@ -133,17 +133,17 @@ def test_bf16_archive_served(bf16_server: Server, bf16_store: tuple[Path, str]) 
 
 def test_bf16_archive_refused_where_it_cannot_run(bf16_store: tuple[Path, str]) -> None:
     meta = json.loads(zipfile.ZipFile(bf16_store[0] / "melanoma.mar").read("metadata.json"))
-    check_runtime(meta)  # this machine built it
+    check_runtime(meta["precision"])  # this machine built it
     needed = meta["precision"]["cpu_flags"]
     with pytest.raises(RuntimeError, match=rf"compiled for CPUs with .*; this CPU lacks {needed[0]}.*: rebuild it"):
-        check_runtime(meta, "flags\t: fpu sse")
+        check_runtime(meta["precision"], "flags\t: fpu sse")
     other = {**meta, "precision": {**meta["precision"], "torch": "2.99.0"}}
     with pytest.raises(RuntimeError, match=r"compiled for torch 2\.99\.0, this is torch .*rebuild it"):
-        check_runtime(other)
+        check_runtime(other["precision"])
     old = {**meta, "precision": {k: v for k, v in meta["precision"].items() if k != "format"}}
     with pytest.raises(RuntimeError, match="format no longer served; rebuild it"):
-        check_runtime(old)
-    check_runtime({"precision": {"name": "fp32"}}, "flags\t: fpu")  # fp32 runs anywhere
+        check_runtime(old["precision"])
+    check_runtime({"name": "fp32"}, "flags\t: fpu")  # fp32 runs anywhere
 
 
 def test_bf16_build_without_a_compiler_fails_fast(calibration: Path, tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import requests
 
-from handler.pipeline import LoadedArchive, load_archive
+from handler.archive import LoadedArchive, load_archive
 from testkit.harness import ROOT, Server
 from testkit.imaging import encode, lesion_rgb, variants
 
@@ -46,7 +46,7 @@ def test_response_schema(server: Server, offline: LoadedArchive) -> None:
     assert body["label"] == ("malignant" if body["probability"] >= 0.5 else "benign")
     assert body["threshold"] == 0.5 and body["tta_views"] == 8
     assert body["model"] == {"name": "melanoma", "version": "0.0-demo", "demo": True, "precision": "fp32",
-                             "weights_sha256": offline.metadata["weights_sha256"]}
+                             "weights_sha256": offline.metadata.weights_sha256}
     assert "DEMO" in body["warning"] and "means nothing" in body["warning"]
 
 

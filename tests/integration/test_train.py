@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from exporter.checkpoint import load_checkpoint
-from handler.pipeline import load_archive
+from handler.archive import load_archive
 from testkit.harness import ROOT, Server
 from testkit.imaging import encode, lesion_rgb
 from train.synthetic import write_dataset
@@ -55,7 +55,7 @@ def test_checkpoint_is_a_lightning_checkpoint_and_not_a_demo(trained_checkpoint:
     assert load_checkpoint(trained_checkpoint).form == "Lightning checkpoint"
     archive = load_archive(trained_archive)
     body = archive.score(encode(lesion_rgb(seed=1)))
-    assert archive.metadata["demo"] is False and "warning" not in body
+    assert archive.metadata.demo is False and "warning" not in body
 
 
 def test_trained_archive_is_served(trained_server: Server, trained_archive: Path, heldout_data: Path) -> None:

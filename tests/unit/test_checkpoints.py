@@ -18,7 +18,8 @@ from exporter.export import (
     demo_checkpoint,
     export_torchscript,
 )
-from handler.pipeline import PipelineConfig, load_model, preprocess
+from handler.archive import load_model
+from handler.pipeline import PipelineConfig, preprocess
 from testkit.imaging import lesion_rgb
 
 

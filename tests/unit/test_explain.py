@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from exporter.export import EXPLAIN_LAYER, demo_checkpoint, export_explainer
+from handler.archive import ArchiveMetadata, LoadedArchive
 from handler.explain import (
     Explainer,
     explain_images,
@@ -23,7 +24,7 @@ from handler.explain import (
     upsample,
 )
 from handler.melanoma_handler import request_headers, wants_overlay
-from handler.pipeline import InputError, LoadedArchive, PipelineConfig, Scorer, load_tensor, tta_views
+from handler.pipeline import InputError, PipelineConfig, Scorer, load_tensor, tta_views
 from testkit.blobs import blob_checkpoint, blob_image, random_center
 from testkit.imaging import encode, jpeg_with_orientation, lesion_rgb
 
@@ -55,7 +56,7 @@ def test_heatmaps_finite_in_range_and_shaped(demo_explainer: Explainer) -> None:
     cams, logits = demo_explainer.cams([load_tensor(d, CFG) for d in images])
     assert cams.shape == (3, 8, 8) and logits.shape == (24,)
     bodies = explain_images(demo_explainer, images, [float(p) for p in torch.sigmoid(
-        logits.double().reshape(8, 3)).mean(0)], {"demo": True}, [False, True, False])
+        logits.double().reshape(8, 3)).mean(0)], ArchiveMetadata(demo=True), [False, True, False])
     for body in bodies:
         e = body["explanation"]
         heat = np.array(e["heatmap"])
@@ -129,7 +130,7 @@ def test_sizes_follow_the_viewer() -> None:
 
 
 def test_archive_without_explain_answers_501() -> None:
-    archive = LoadedArchive(Scorer(lambda x: x, CFG), CFG, {"explain": None}, 1, Path("/nonexistent"))
+    archive = LoadedArchive(Scorer(lambda x: x, CFG), CFG, ArchiveMetadata(), 1, Path("/nonexistent"))
     with pytest.raises(InputError) as e:
         load_explainer(archive)
     assert e.value.status == 501 and "--no-explain" in str(e.value)

@@ -8,17 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from handler.pipeline import (
-    InputError,
-    PipelineConfig,
-    Scorer,
-    check_runtime,
-    decode_image,
-    preprocess,
-    result,
-    tta_views,
-    view_probabilities,
-)
+from handler.archive import ArchiveError, ArchiveMetadata, check_runtime, result
+from handler.pipeline import InputError, PipelineConfig, Scorer, decode_image, preprocess, tta_views, view_probabilities
 from testkit.imaging import encode, jpeg_with_orientation, lesion_rgb, png_header_only, variants
 
 CFG = PipelineConfig()
@@ -180,24 +171,56 @@ def test_config_rejects_typos_and_bad_values() -> None:
 
 def test_result_schema_and_demo_warning() -> None:
     info = {"name": "melanoma", "version": "0.0-demo", "weights_sha256": "ab", "demo": True}
-    r = result(0.7, PipelineConfig(threshold=0.6), info)
+    r = result(0.7, PipelineConfig(threshold=0.6), ArchiveMetadata(**info))
     assert r["label"] == "malignant" and r["threshold"] == 0.6 and r["tta_views"] == 8
     assert r["model"] == {**info, "precision": "fp32"} and "DEMO" in r["warning"]
-    r2 = result(0.59, PipelineConfig(threshold=0.6), {**info, "demo": False})
+    r2 = result(0.59, PipelineConfig(threshold=0.6), ArchiveMetadata(**{**info, "demo": False}))
     assert r2["label"] == "benign" and "warning" not in r2
+
+
+def test_archive_metadata_is_a_typed_versioned_record() -> None:
+    """metadata.json round-trips; an unknown or missing key, a wrong type or another schema fails at load
+    with one line that says to rebuild."""
+    meta = ArchiveMetadata(version="1.0", architecture="resnest50_fast_4s1x64d", weights_sha256="ab",
+                           explain={"file": "explain.pt", "method": "grad-cam", "layer": "layer3"})
+    data = meta.to_mapping()
+    assert ArchiveMetadata.from_mapping(data) == meta and data["schema"] == 1
+    assert ArchiveMetadata.from_mapping({k: v for k, v in data.items() if k != "schema"}) == meta  # schema 1
+    cases = [
+        ({**data, "treshold": 0.3}, "unknown key(s) treshold"),
+        ({k: v for k, v in data.items() if k != "demo"}, "missing key(s) demo"),
+        ({**data, "demo": "no"}, "demo must be bool"),
+        ({**data, "outputs": True}, "outputs must be int"),
+        ({**data, "precision": {"name": "int8"}}, "precision must be an object whose name is one of fp32, bf16"),
+        ({**data, "explain": {"file": "explain.pt"}}, "explain must be null or an object"),
+        ({**data, "schema": 2}, "schema 2; this handler reads schema 1"),
+        ([1, 2], "must hold an object"),
+    ]
+    for bad, words in cases:
+        with pytest.raises(ArchiveError) as e:
+            ArchiveMetadata.from_mapping(bad)
+        assert words in str(e.value) and "rebuild" in str(e.value) or "must be" in str(e.value), str(e.value)
+        assert "\n" not in str(e.value)
+
+
+def test_interpolation_travels_in_the_pipeline_config() -> None:
+    rgb = np.random.default_rng(0).integers(0, 256, (300, 200, 3), dtype=np.uint8)
+    linear, cubic = PipelineConfig(), PipelineConfig(interpolation="cubic", area_for_downscale=False)
+    assert PipelineConfig.from_mapping(cubic.to_mapping()) == cubic
+    assert not np.array_equal(preprocess(rgb, linear).numpy(), preprocess(rgb, cubic).numpy())
+    with pytest.raises(ValueError, match="interpolation must be one of"):
+        PipelineConfig(interpolation="bilinear")
 
 
 def test_compiled_archives_are_refused_where_they_cannot_run() -> None:
     """A bf16 archive is native code for one torch and one CPU ISA: a mismatch is a clear error, never a crash."""
-    meta = {"precision": {"name": "bf16", "format": "aotinductor", "torch": torch.__version__,
-                          "cpu_flags": ["avx512f", "fma"]}}
+    meta = {"name": "bf16", "format": "aotinductor", "torch": torch.__version__, "cpu_flags": ["avx512f", "fma"]}
     check_runtime(meta, "flags\t: fpu avx2 fma avx512f")
     check_runtime(meta, "")  # flags unreadable (not Linux): nothing to check against
     with pytest.raises(RuntimeError, match="this CPU lacks avx512f: rebuild it on this machine"):
         check_runtime(meta, "flags\t: fpu avx2 fma")
     with pytest.raises(RuntimeError, match="compiled for torch 1.0, this is torch"):
-        check_runtime({"precision": {**meta["precision"], "torch": "1.0"}}, "flags\t: avx512f fma")
+        check_runtime({**meta, "torch": "1.0"}, "flags\t: avx512f fma")
     with pytest.raises(RuntimeError, match="earlier version in a format no longer served"):
-        check_runtime({"precision": {"name": "bf16"}})
-    check_runtime({"precision": {"name": "fp32"}}, "flags\t: fpu")
-    check_runtime({}, "")
+        check_runtime({"name": "bf16"})
+    check_runtime({"name": "fp32"}, "flags\t: fpu")
