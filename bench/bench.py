@@ -27,14 +27,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import cv2
+import numpy as np
+
+from testkit.imaging import encode, lesion_rgb
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-
-from testkit.imaging import encode, lesion_rgb  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -70,7 +70,8 @@ def inprocess(archive: Path, threads: int, repeats: int) -> dict[str, Any]:
     from torch.utils.flop_counter import FlopCounterMode
 
     from exporter.checkpoint import build_model
-    from handler.pipeline import PipelineConfig, decode_image, load_archive, preprocess, tta_views
+    from handler.archive import load_archive
+    from handler.pipeline import PipelineConfig, decode_image, preprocess, tta_views
 
     if threads == 1:
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core, like a t2.micro
@@ -136,7 +137,7 @@ def precisions(archives: dict[str, Path], threads: int, repeats: int) -> dict[st
     both ~10 % slower here (caches and oneDNN state shared by two sets of weights)."""
     import torch
 
-    from handler.pipeline import load_archive
+    from handler.archive import load_archive
 
     if threads == 1:
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
@@ -158,7 +159,7 @@ def precisions(archives: dict[str, Path], threads: int, repeats: int) -> dict[st
                         times[n][k].append(timed(lambda d=data, a=arch: a.score(d)))
     out: dict[str, Any] = {"threads": threads, "archives": {}}
     for n, arch in loaded.items():
-        out["archives"][n] = {"precision": arch.metadata.get("precision", {"name": "fp32"}),
+        out["archives"][n] = {"precision": arch.metadata.precision,
                               **{k: stats(v) for k, v in times[n].items()}}
     return out
 

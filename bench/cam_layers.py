@@ -8,20 +8,15 @@ mass lies inside it. Run: .venv/bin/python bench/cam_layers.py   (about a minute
 from __future__ import annotations
 
 import io
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from exporter.export import STAGES, export_explainer  # noqa: E402
-from handler.explain import Explainer, upsample  # noqa: E402
-from handler.pipeline import PipelineConfig, preprocess  # noqa: E402
-from testkit.blobs import blob_checkpoint, blob_image, random_center  # noqa: E402
+from exporter.export import STAGES, export_explainer
+from handler.explain import Explainer, upsample
+from handler.pipeline import PipelineConfig, preprocess
+from testkit.blobs import blob_checkpoint, blob_image, random_center
 
 
 def main() -> None:

@@ -21,14 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from exporter.export import demo_checkpoint  # noqa: E402
-from handler.pipeline import PipelineConfig, load_archive, load_tensor  # noqa: E402
-from testkit.blobs import fit_head  # noqa: E402
-from testkit.harness import run_build  # noqa: E402
-from testkit.imaging import encode, lesion_rgb  # noqa: E402
+from exporter.export import demo_checkpoint
+from handler.archive import load_archive
+from handler.pipeline import PipelineConfig, load_tensor
+from testkit.blobs import fit_head
+from testkit.harness import run_build
+from testkit.imaging import encode, lesion_rgb
 
 
 def photos(folder: Path, n: int) -> dict[str, int]:
@@ -56,7 +54,7 @@ def build(label: str, checkpoint: Path | None, folder: Path, out: Path) -> None:
         str(folder / "train.csv"), "--no-explain", "--force-precision"]
     proc = run_build(*args, output_dir=out)
     line = next(ln for ln in proc.stderr.splitlines() if "vs fp32 on" in ln)
-    prec = load_archive(out / "melanoma.mar").metadata["precision"]
+    prec = load_archive(out / "melanoma.mar").metadata.precision
     verdict = "within" if prec["max_abs_dp"] <= 0.02 else "ABOVE"
     print(f"{label}: {line}  [{verdict} the 0.02 bound]")
 

@@ -15,14 +15,12 @@ import base64
 import hashlib
 import io
 import sys
-from pathlib import Path
 from typing import Any
 
 import streamlit as st
 from PIL import Image, ImageOps
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tsclient import ClientError, add_server_args, client_from_args  # noqa: E402
+from client.tsclient import ClientError, add_server_args, client_from_args
 
 DISCLAIMER = ("**Not a diagnostic device.** A score is not a diagnosis: anyone worried about a skin lesion "
               "should see a dermatologist.")

@@ -18,80 +18,19 @@ import json
 import sys
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import metrics  # noqa: E402
-from tsclient import (  # noqa: E402
-    IMAGE_SUFFIXES,
+from client.tsclient import (
     AuthError,
     ClientError,
     OfflineScorer,
     add_server_args,
     client_from_args,
 )
-
-
-class LabelError(Exception):
-    pass
-
-
-class LabelRow(NamedTuple):
-    name: str
-    target: int  # 1 = melanoma
-    group: str  # the patient (2020's patient_id); the image itself where the file has no patient column
-
-
-def read_label_rows(path: Path) -> list[LabelRow]:
-    """Rows of either ISIC format; other columns are ignored. Shared with training (train/data.py)."""
-    try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise LabelError(f"cannot read label file {path}: {e}") from None
-    if not rows:
-        raise LabelError(f"label file {path} has no rows")
-    cols = set(rows[0])
-    if {"image_name", "target"} <= cols:
-        name_col, target_col = "image_name", "target"
-    elif {"image", "MEL"} <= cols:
-        name_col, target_col = "image", "MEL"
-    else:
-        raise LabelError(f"label file {path}: expected columns image_name,target (SIIM-ISIC 2020) or "
-                         f"image,MEL (ISIC 2019); found {', '.join(sorted(cols))}")
-    group_col = "patient_id" if "patient_id" in cols else None
-    out: list[LabelRow] = []
-    bad = []
-    for i, row in enumerate(rows, start=2):
-        try:
-            value = float(row[target_col])
-            if value not in (0.0, 1.0):
-                raise ValueError
-            name = row[name_col].strip()
-            out.append(LabelRow(name, int(value), (row[group_col] or "").strip() or name if group_col else name))
-        except (TypeError, ValueError, AttributeError):
-            bad.append(f"line {i}")
-    if bad:
-        raise LabelError(f"label file {path}: {len(bad)} row(s) with a {target_col} other than 0/1 "
-                         f"({', '.join(bad[:5])})")
-    return out
-
-
-def read_labels(path: Path) -> dict[str, int]:
-    """image name -> 1 (melanoma) / 0, from either ISIC format."""
-    return {r.name: r.target for r in read_label_rows(path)}
-
-
-def find_images(folder: Path, names: list[str]) -> tuple[dict[str, Path], list[str]]:
-    """Match label names to files by stem, any common extension, anywhere under `folder`."""
-    by_stem: dict[str, Path] = {}
-    for f in folder.rglob("*"):
-        if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
-            by_stem.setdefault(f.stem, f)
-    found = {n: by_stem[Path(n).stem] for n in names if Path(n).stem in by_stem}
-    return found, [n for n in names if n not in found]
+from isic import metrics
+from isic.labels import LabelError, LabelRow, find_images, read_label_rows, read_labels  # noqa: F401 (re-exported)
 
 
 def load_done(csv_path: Path) -> dict[str, float]:
@@ -112,12 +51,12 @@ def offline_scorer(target: str) -> OfflineScorer:
     p = Path(target)
     if p.suffix == ".mar" or p.is_dir():
         return OfflineScorer.from_path(str(p))
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import torch
 
-    from exporter.checkpoint import CheckpointError, load_checkpoint
+    from exporter.checkpoint import ARCHITECTURE, CheckpointError, load_checkpoint
     from exporter.export import export_torchscript
-    from handler.pipeline import LoadedArchive, PipelineConfig, Scorer, load_model
+    from handler.archive import ArchiveMetadata, LoadedArchive, load_model
+    from handler.pipeline import PipelineConfig, Scorer
 
     cfg = PipelineConfig()
     try:
@@ -125,7 +64,8 @@ def offline_scorer(target: str) -> OfflineScorer:
     except CheckpointError as e:
         raise ClientError(str(e)) from None
     model = load_model(export_torchscript(ckpt, cfg.image_size))
-    meta = {"name": "melanoma", "version": "offline", "weights_sha256": ckpt.sha256, "demo": False}
+    meta = ArchiveMetadata(version="offline", architecture=ARCHITECTURE, head=ckpt.head, outputs=ckpt.outputs,
+                           checkpoint_form=ckpt.form, source_file=p.name, weights_sha256=ckpt.sha256)
     return OfflineScorer(LoadedArchive(Scorer(model, cfg), cfg, meta, torch.get_num_threads(), p))
 
 

@@ -18,8 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tsclient import (  # noqa: E402
+from client.tsclient import (
     AuthError,
     ClientError,
     OfflineScorer,

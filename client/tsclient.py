@@ -23,7 +23,8 @@ import requests
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_URL = "http://127.0.0.1:8080"
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".mpo"}
+from isic.labels import IMAGE_SUFFIXES  # noqa: E402 (one list for the client and evaluation)
+
 RETRY_STATUS = {502, 503, 504, 507}  # worker busy, restarting or out of memory: worth another try
 
 
@@ -361,9 +362,7 @@ def server_message(r: requests.Response) -> str:
 
 
 def _import_pipeline() -> Any:
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    import handler.pipeline as pipeline
+    import handler.pipeline as pipeline  # offline mode only: the online client needs no torch
 
     return pipeline
 
@@ -379,7 +378,12 @@ class OfflineScorer:
 
     @classmethod
     def from_path(cls, archive: str, threads: int | None = None) -> OfflineScorer:
-        return cls(_import_pipeline().load_archive(archive, threads=threads))
+        import handler.archive as ar  # offline mode only
+
+        try:
+            return cls(ar.load_archive(archive, threads=threads))
+        except ar.ArchiveError as e:
+            raise ClientError(f"{archive}: {e}") from None
 
     def predict_file(self, path: Path, explain: bool = False) -> dict[str, Any]:
         data = read_image_file(path)

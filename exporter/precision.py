@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from handler.pipeline import InputError, PipelineConfig, Scorer, load_model, load_tensor, release_memory
+from handler.archive import load_model, release_memory
+from handler.pipeline import InputError, PipelineConfig, Scorer, load_tensor
 
-ROOT = Path(__file__).resolve().parents[1]
 SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".mpo"}
 MIN_IMAGES = 20
 BATCH = 8  # images per forward (x8 TTA views)
@@ -87,9 +86,8 @@ def measure(fp32_bytes: bytes, reduced_bytes: bytes, precision: str, cfg: Pipeli
     auc32 = aucr = None
     labelled = 0
     if labels_csv is not None:
-        sys.path.insert(0, str(ROOT / "client"))
-        import metrics
-        from evaluate import LabelError, read_labels
+        from isic import metrics
+        from isic.labels import LabelError, read_labels
 
         try:
             labels = read_labels(labels_csv)

@@ -41,6 +41,11 @@ if [[ "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
     || die "pip install -r $reqs failed (see above)"
   echo "$want" > "$stamp"
 fi
+# The project's packages (client, exporter, handler, isic, train, testkit) import by name in .venv's Python
+# from any folder and any script, with no sys.path edits: one path entry, what `pip install -e .` would write
+# (rewritten on every run, so a moved checkout only needs this script again).
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo "$root" > "$site/melanoma-torchserve.pth"
 # --dev: the browser test drives Debian's chromium, the scale-out test runs Debian's nginx, the bf16 tests
 # compile with g++. Installed when this user may (root or password-less sudo); otherwise those tests say how
 # and are skipped.
@@ -62,6 +67,6 @@ if [[ "$reqs" == requirements-dev.txt ]]; then
     fi
   fi
 fi
-.venv/bin/python -c 'import torch, ts, albumentations, resnest' 2>/dev/null \
+(cd / && "$root/.venv/bin/python" -c 'import torch, ts, albumentations, resnest, client.tsclient, handler.pipeline') 2>/dev/null \
   || die ".venv is broken; remove it (rm -rf .venv) and run this again"
 say "ready: $(.venv/bin/python --version), torch $(.venv/bin/python -c 'import torch; print(torch.__version__)'), Java $java_major"

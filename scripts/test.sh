@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command from a fresh clone to a full test run: sets up .venv with the pinned test tools,
-# checks Java 17, lints, then runs both tiers (unit: no server; integration: builds real archives
-# with build_mar.sh and starts real TorchServe on free loopback ports).
+# checks Java 17, lints (ruff; import cycles), then runs both tiers (unit: no server; integration:
+# builds real archives with build_mar.sh and starts real TorchServe on free loopback ports).
 #   scripts/test.sh                 # everything
 #   scripts/test.sh -m "not integration"   # extra arguments go to pytest
 set -euo pipefail
@@ -12,4 +12,5 @@ cd "$root"
 "$root/scripts/setup.sh" --dev
 export NO_ALBUMENTATIONS_UPDATE=1
 .venv/bin/ruff check .
+.venv/bin/python scripts/check_imports.py   # no import cycle between our packages
 exec .venv/bin/python -m pytest "$@"

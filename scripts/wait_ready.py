@@ -8,9 +8,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from client.tsclient import management_address, wait_ready
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "client"))
-from tsclient import management_address, wait_ready  # noqa: E402
 
 
 def main() -> int:

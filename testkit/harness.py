@@ -9,16 +9,15 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
 
+from client.tsclient import instance_properties, wait_ready
+
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = ROOT / ".venv" / "bin"
-sys.path.insert(0, str(ROOT / "client"))
-from tsclient import instance_properties, wait_ready  # noqa: E402
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 

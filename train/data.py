@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,10 +22,7 @@ import numpy as np
 import torch
 
 from handler.pipeline import InputError, PipelineConfig, decode_image, resize, to_tensor
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "client"))
-from evaluate import LabelError, LabelRow, find_images, read_label_rows  # noqa: E402
+from isic.labels import LabelError, LabelRow, find_images, read_label_rows
 
 CACHE_FORMAT = 1  # bump when what a cache entry holds changes
 

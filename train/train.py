@@ -32,7 +32,9 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from exporter.checkpoint import ARCHITECTURE, CheckpointError, build_model, load_checkpoint  # noqa: E402
-from handler.pipeline import PipelineConfig, Scorer, cpu_flags  # noqa: E402
+from handler.archive import cpu_flags
+from handler.pipeline import PipelineConfig, Scorer  # noqa: E402
+from isic import metrics  # noqa: E402
 from train.data import (  # noqa: E402
     DataError,
     augmentation,
@@ -42,9 +44,6 @@ from train.data import (  # noqa: E402
     load_dataset,
     train_batch,
 )
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "client"))
-import metrics  # noqa: E402
 
 LAST, BEST, PROGRESS, SPLIT = "last.ckpt", "best.ckpt", "progress.json", "split.json"
 PREFIX = "model."  # the LightningModule attribute the weights sit under, as in the seed's checkpoint

@@ -26,9 +26,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from client.tsclient import instance_properties, rotate_key, wait_ready
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "client"))
-from tsclient import instance_properties, rotate_key, wait_ready  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RENEW_BEFORE = dt.timedelta(hours=2)  # rotate an instance's key when it expires sooner than this

@@ -11,11 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from isic import metrics
 from testkit.harness import ROOT, Server
 from testkit.imaging import encode, lesion_rgb
-
-sys.path.insert(0, str(ROOT / "client"))
-import metrics  # noqa: E402
 
 pytestmark = pytest.mark.integration
 EVALUATE = [sys.executable, str(ROOT / "client" / "evaluate.py")]

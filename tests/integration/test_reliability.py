@@ -12,7 +12,6 @@ import ipaddress
 import json
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -26,12 +25,10 @@ import requests
 import torch
 from PIL import Image
 
-from handler.pipeline import LoadedArchive, load_archive
+from client.tsclient import Client
+from handler.archive import LoadedArchive, load_archive
 from testkit.harness import ROOT, Server, read_log, run_build, start_server, stop_server, worker_pids
 from testkit.imaging import encode, jpeg_with_orientation, lesion_rgb, png_header_only
-
-sys.path.insert(0, str(ROOT / "client"))
-from tsclient import Client  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPORT = ROOT / "docs" / "RELIABILITY.md"

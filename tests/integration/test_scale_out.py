@@ -17,14 +17,12 @@ from pathlib import Path
 import pytest
 import requests
 
-from handler.pipeline import load_archive
+from client.tsclient import Client
+from handler.archive import load_archive
 from testkit.harness import ROOT, free_ports, missing_system_tool, read_log, run_build
 from testkit.imaging import encode, lesion_rgb
 
 pytestmark = pytest.mark.integration
-
-sys.path.insert(0, str(ROOT / "client"))
-from tsclient import Client  # noqa: E402
 
 
 def _cluster_module():  # noqa: ANN202

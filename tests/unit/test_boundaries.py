@@ -47,3 +47,26 @@ def test_each_boundary_fails_the_lint(path: str, source: str, rule: str) -> None
 @pytest.mark.parametrize(("path", "source"), ALLOWED, ids=[p for p, _ in ALLOWED])
 def test_allowed_imports_pass(path: str, source: str) -> None:
     assert lint(path, source) == ""
+
+
+def check_imports(root: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "check_imports.py"), str(root)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_no_import_cycle_between_packages() -> None:
+    proc = check_imports(ROOT)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+
+def test_a_planted_cycle_fails_with_one_line(tmp_path: Path) -> None:
+    """exporter builds on handler; a lazy import back from handler (the shape of the cycle that once hid
+    behind sys.path edits) is caught, with where each edge is."""
+    for pkg, source in (("handler", "def f():\n    from exporter import export\n"),
+                        ("exporter", "from handler import pipeline\n"), ("client", "import isic\n")):
+        (tmp_path / pkg).mkdir()
+        (tmp_path / pkg / "m.py").write_text(source)
+    proc = check_imports(tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [
+        "check_imports: error: import cycle handler -> exporter -> handler (handler/m.py:2, exporter/m.py:1)"]

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "client"))
-import metrics  # noqa: E402
+from isic import metrics
 
 
 def brute_auc(y: np.ndarray, p: np.ndarray) -> float:
