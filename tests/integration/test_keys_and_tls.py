@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import subprocess
 import sys
@@ -25,7 +26,8 @@ def run_predict(*args: str, timeout: float = 120) -> subprocess.CompletedProcess
 
 @pytest.fixture(scope="module")
 def short_keys(demo_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = start_server(demo_store, tmp_path_factory.mktemp("keys"), {"token_expiration_min": "1"})
+    # TorchServe reads token_expiration_min as a double (seconds = min x 60): 30 s keys keep the wait short
+    srv = start_server(demo_store, tmp_path_factory.mktemp("keys"), {"token_expiration_min": "0.5"})
     yield srv
     stop_server(srv)
 
@@ -47,7 +49,7 @@ def test_clients_survive_key_expiry(short_keys: Server, tmp_path: Path) -> None:
     remote_copy.write_text(json.dumps({"inference": {"key": old}}))
     health = start_health(srv, tmp_path)
     try:
-        time.sleep(65)  # past the 1-minute expiry of the inference and management keys
+        wait_until_expired(srv.key_file)  # past the expiry of the inference and management keys
         r = srv.predict(images[0].read_bytes(), headers={"Authorization": f"Bearer {old}"})
         assert r.status_code == 400 and "InvalidKeyException" in r.text
 
@@ -77,6 +79,16 @@ def test_clients_survive_key_expiry(short_keys: Server, tmp_path: Path) -> None:
     finally:
         health[0].terminate()
         health[0].wait(10)
+
+
+def wait_until_expired(key_file: Path) -> None:
+    """Sleep until the expiry instants TorchServe wrote for the inference and management keys have passed."""
+    data = json.loads(key_file.read_text())
+    ends = [dt.datetime.strptime(data[k]["expiration time"][:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=dt.timezone.utc)
+            for k in ("inference", "management")]  # whole seconds: the wait adds the fraction back
+    left = (max(ends) - dt.datetime.now(dt.timezone.utc)).total_seconds()
+    assert left < 60, f"keys expire in {left:.0f} s: token_expiration_min not applied"
+    time.sleep(max(0.0, left) + 2.0)
 
 
 def start_health(srv: Server, tmp_path: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -158,8 +170,7 @@ def test_client_refuses_plain_http_to_a_remote_host(tmp_path: Path) -> None:
 
 
 def test_client_allows_plain_http_only_when_told(tmp_path: Path) -> None:
-    sys.path.insert(0, str(ROOT / "client"))
-    from tsclient import Client, ClientError
+    from client.tsclient import Client, ClientError
 
     with pytest.raises(ClientError, match="refusing"):
         Client("http://melanoma.example:8080", token="k")
