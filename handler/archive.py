@@ -188,11 +188,36 @@ def read_model_config(text: str) -> tuple[PipelineConfig, dict[str, Any]]:
     return PipelineConfig.from_mapping(section, ignore=RUNTIME_KEYS), dict(section)
 
 
-def usable_cpus() -> int:
+def usable_cpus(cgroup_root: str | os.PathLike[str] = "/sys/fs/cgroup") -> int:
+    """The CPUs this process may really use: the smaller of its affinity and its cgroup CPU quota, rounded
+    down, at least 1. In a container limited by a quota (`docker --cpus 2`, Kubernetes limits.cpu) the
+    affinity is the whole node; one torch thread per node core would be throttled (kserve/kserve#1031)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    quota = cgroup_cpu_quota(Path(cgroup_root))
+    if quota is not None:
+        cpus = min(cpus, max(1, int(quota)))
+    return max(1, cpus)
+
+
+def cgroup_cpu_quota(root: Path) -> float | None:
+    """CPUs granted by the cgroup quota (cgroup v2 cpu.max "QUOTA PERIOD", v1 cpu.cfs_quota_us /
+    cpu.cfs_period_us), or None when unlimited or unreadable."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    for v1 in (root / "cpu", root / "cpu,cpuacct", root):
+        try:
+            quota_us = int((v1 / "cpu.cfs_quota_us").read_text())
+            period_us = int((v1 / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+        return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us
+    return None
 
 
 @dataclass

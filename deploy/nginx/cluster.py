@@ -108,7 +108,7 @@ def start_instance(cluster: Cluster, inst: Instance) -> None:
     (Path(inst.workdir) / "key_file.json").unlink(missing_ok=True)
     cfg = write_instance_config(cluster, inst)
     # taskset pins the JVM and its worker to one core; the worker then uses 1 torch thread
-    # (handler/pipeline.usable_cpus reads the affinity), so instances do not fight over cores.
+    # (handler/archive.usable_cpus reads the affinity and the cgroup quota), so instances do not fight over cores.
     cmd = ["taskset", "-c", str(inst.cpu), torchserve_binary(), "--start", "--ncs", "--ts-config", str(cfg)]
     log = open(Path(inst.workdir) / "torchserve.out", "ab")
     subprocess.run(cmd, cwd=inst.workdir, env=instance_env(inst), stdout=log, stderr=subprocess.STDOUT, check=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pytest
@@ -224,3 +226,25 @@ def test_compiled_archives_are_refused_where_they_cannot_run() -> None:
     with pytest.raises(RuntimeError, match="earlier version in a format no longer served"):
         check_runtime({"name": "bf16"})
     check_runtime({"name": "fp32"}, "flags\t: fpu")
+
+
+@pytest.mark.parametrize(("files", "expected"), [
+    ({"cpu.max": "200000 100000\n"}, 2),  # cgroup v2, docker --cpus 2
+    ({"cpu.max": "150000 100000\n"}, 1),  # 1.5 CPUs: rounded down
+    ({"cpu.max": "50000 100000\n"}, 1),  # below one CPU: at least 1
+    ({"cpu.max": "max 100000\n"}, None),  # no quota: the affinity
+    ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3),  # cgroup v1
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),  # v1 unlimited
+    ({}, None),  # no cgroup files (not Linux, or not mounted)
+])
+def test_threads_honour_the_cgroup_cpu_quota(files: dict[str, str], expected: int | None, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from handler.archive import usable_cpus
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)  # a 64-core node
+    assert usable_cpus(tmp_path) == (64 if expected is None else expected)
