@@ -28,6 +28,7 @@ from client.tsclient import (
     OfflineScorer,
     add_server_args,
     client_from_args,
+    server_module,
 )
 from isic import metrics
 from isic.labels import LabelError, LabelRow, find_images, read_label_rows, read_labels  # noqa: F401 (re-exported)
@@ -51,8 +52,8 @@ def offline_scorer(target: str) -> OfflineScorer:
     p = Path(target)
     if p.suffix == ".mar" or p.is_dir():
         return OfflineScorer.from_path(str(p))
-    import torch
-
+    torch = server_module("torch")
+    server_module("exporter.export")
     from exporter.checkpoint import ARCHITECTURE, CheckpointError, load_checkpoint
     from exporter.export import export_torchscript
     from handler.archive import ArchiveMetadata, LoadedArchive, load_model
@@ -253,6 +254,11 @@ def print_report(s: dict[str, Any], out: Path) -> None:
     if s.get("warning"):
         print(f"WARNING: {s['warning']}")
     print(f"wrote {out / 'scores.csv'}, {out / 'summary.json'}, {out / 'roc.png'}")
+
+
+def cli() -> None:
+    """Console-script entry point (pip install .)."""
+    sys.exit(main())
 
 
 if __name__ == "__main__":

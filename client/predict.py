@@ -68,7 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         print("predict: error: no image files found in the given paths", file=sys.stderr)
         return 2
     if args.offline:
-        scorer: Any = OfflineScorer.from_path(args.offline)
+        try:
+            scorer: Any = OfflineScorer.from_path(args.offline)
+        except ClientError as e:
+            print(f"predict: error: {e}", file=sys.stderr)
+            return 2
         workers = 1  # one process-wide model: more threads would only contend for the same cores
     else:
         try:
@@ -121,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         print(f"predict: {failed} of {len(paths)} image(s) failed", file=sys.stderr)
     return 1 if failed else 0
+
+
+def cli() -> None:
+    """Console-script entry point (pip install .)."""
+    sys.exit(main())
 
 
 if __name__ == "__main__":

@@ -361,6 +361,17 @@ def server_message(r: requests.Response) -> str:
     return f"HTTP {r.status_code}: {r.text.strip()[:300] or r.reason}"
 
 
+def server_module(name: str) -> Any:
+    """A module of the server side, for offline mode only: a client-only install (pip install .) has none."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        raise ClientError(f"offline mode needs the server's packages ({e.name} is not installed): run it with the "
+                          "repository's .venv (scripts/setup.sh), or score through a server") from None
+
+
 def _import_pipeline() -> Any:
     import handler.pipeline as pipeline  # offline mode only: the online client needs no torch
 
@@ -378,11 +389,10 @@ class OfflineScorer:
 
     @classmethod
     def from_path(cls, archive: str, threads: int | None = None) -> OfflineScorer:
-        import handler.archive as ar  # offline mode only
-
+        ar = server_module("handler.archive")
         try:
             return cls(ar.load_archive(archive, threads=threads))
-        except ar.ArchiveError as e:
+        except (ar.ArchiveError, OSError) as e:  # OSError: no such file, or not an archive
             raise ClientError(f"{archive}: {e}") from None
 
     def predict_file(self, path: Path, explain: bool = False) -> dict[str, Any]:
