@@ -18,7 +18,7 @@ import tempfile
 import warnings
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -49,8 +49,15 @@ class BuildError(Exception):
     pass
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A bad option is one line, like every other build error (argparse would print the whole usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"build_mar: error: {message} (./build_mar.sh --help lists the options)\n")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
+    ap = OneLineParser(
         prog="build_mar.sh",
         description="Pack a melanoma ResNeSt checkpoint (or, with none, the untrained demo model) "
         "into a TorchServe archive.",

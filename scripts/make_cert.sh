@@ -7,6 +7,9 @@
 set -euo pipefail
 # --help (or -h) prints this header and does nothing else.
 case "${1:-}" in -h|--help) sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
+for a in "$@"; do
+  [[ "$a" != -* ]] || { echo "make_cert: error: unknown option $a (usage: scripts/make_cert.sh OUT_DIR [NAME_OR_IP ...])" >&2; exit 2; }
+done
 out="${1:?usage: scripts/make_cert.sh OUT_DIR [NAME_OR_IP ...]}"
 shift
 names=("$@")

@@ -8,13 +8,13 @@ set -euo pipefail
 case "${1:-}" in -h|--help) sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 kind="${1:-inference}"
-[[ "$kind" == inference || "$kind" == management ]] || { echo "rotate_key: error: kind is inference or management" >&2; exit 2; }
+[[ "$kind" == inference || "$kind" == management ]] || { echo "rotate_key: error: unknown kind $kind (usage: scripts/rotate_key.sh [inference | management])" >&2; exit 2; }
 cd "$root"
 .venv/bin/python - "$kind" <<'PY'
 import sys
-sys.path.insert(0, "client")
 from pathlib import Path
-from tsclient import management_address, read_key, rotate_key
+
+from client.tsclient import management_address, read_key, rotate_key
 api = read_key(Path("key_file.json"), "API")
 if not api:
     sys.exit("rotate_key: error: key_file.json has no API key here; run this where TorchServe was started")

@@ -5,6 +5,8 @@
 set -euo pipefail
 # --help (or -h) prints this header and does nothing else.
 case "${1:-}" in -h|--help) sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
+case "${1:-}" in ""|--app|--dev) ;; *) echo "setup: error: unknown option $1 (usage: scripts/setup.sh [--app | --dev])" >&2; exit 2 ;; esac
+[[ $# -le 1 ]] || { echo "setup: error: one option at most (usage: scripts/setup.sh [--app | --dev])" >&2; exit 2; }
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 say() { echo "setup: $*" >&2; }

@@ -27,3 +27,16 @@ def test_help_does_not_act(script: str, flag: str, tmp_path: Path) -> None:
     assert len(proc.stdout.strip().splitlines()) >= 2, proc.stdout
     assert "setup:" not in proc.stderr and "error" not in proc.stderr.lower(), proc.stderr
     assert list(tmp_path.iterdir()) == [] and repo_state() == before
+
+
+@pytest.mark.parametrize("script", ["scripts/setup.sh", "scripts/token.sh", "scripts/make_cert.sh",
+                                    "scripts/rotate_key.sh", "build_mar.sh"])
+def test_unknown_options_are_refused(script: str, tmp_path: Path) -> None:
+    """Scripts whose arguments are not handed on to another tool refuse an option they do not know, with one
+    line and a non-zero exit, before doing anything (make_cert.sh once made a folder named --bogus)."""
+    before = repo_state()
+    proc = subprocess.run(["bash", str(ROOT / script), "--bogus"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0 and "--bogus" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert list(tmp_path.iterdir()) == [] and repo_state() == before
