@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -150,6 +151,56 @@ def test_text_field_named_data_beside_ordinary_requests(server: Server, offline:
         assert abs(r.json()["probability"] - offline.score(img)["probability"]) <= 1e-4
     assert answers[2].json()["code"] == 400
     assert server.log().count("batch of 4") > before, "the four requests were not batched together"
+
+
+def scrape(server: Server) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Prometheus text from the metrics address (loopback, no key): (name, labels) -> value."""
+    text = requests.get(f"{server.metrics}/metrics", timeout=10).text
+    out = {}
+    for line in text.splitlines():
+        m = re.match(r"([A-Za-z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)$", line)
+        if m and not line.startswith("#"):
+            out[(m.group(1), frozenset(re.findall(r'(\w+)="([^"]*)"', m.group(2) or "")))] = float(m.group(3))
+    return out
+
+
+def metric(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
+    return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= ls)
+
+
+def test_prometheus_metrics_count_exactly_what_was_served(server: Server) -> None:
+    version = load_archive_metadata_version(server)
+    ours = {"ModelName": "melanoma", "ModelVersion": version}
+    before = scrape(server)
+    good = [server.predict(encode(lesion_rgb(seed=s))) for s in (60, 61, 62)]
+    bad = [server.predict(b"plain text, not an image"), server.predict(b"\xff\xd8\xff\xe0 corrupt")]
+    assert [r.status_code for r in good + bad] == [200, 200, 200, 415, 400]
+    want = {"200": 3, "415": 1, "400": 1}
+    for _ in range(50):  # the worker's metric lines reach the frontend asynchronously
+        after = scrape(server)
+        moved = {k: metric(after, "MelanomaRequests", Status=k, **ours) - metric(before, "MelanomaRequests", Status=k,
+                                                                               **ours) for k in want}
+        scored = (metric(after, "MelanomaProbability_count", **ours)
+                  - metric(before, "MelanomaProbability_count", **ours))
+        if all(moved[k] >= n for k, n in want.items()) and scored >= 3:
+            break
+        time.sleep(0.2)
+    assert moved == want
+    # the probability histogram saw exactly the three scores; each stage was timed
+    assert metric(after, "MelanomaProbability_count", **ours) - metric(before, "MelanomaProbability_count", **ours) == 3
+    probs = sum(r.json()["probability"] for r in good)
+    got = metric(after, "MelanomaProbability_sum", **ours) - metric(before, "MelanomaProbability_sum", **ours)
+    assert abs(got - probs) <= 1e-6 * max(1.0, probs)
+    # one batch each (sequential requests): five reach decoding, three get past it to the model
+    for stage, n in (("decode", 5), ("preprocess", 3), ("forward", 3)):
+        count = metric(after, "MelanomaStageSeconds_count", Stage=stage, **ours)
+        assert count - metric(before, "MelanomaStageSeconds_count", Stage=stage, **ours) == n, stage
+    assert metric(after, "MelanomaTTAViews", **ours) == 8
+
+
+def load_archive_metadata_version(server: Server) -> str:
+    h = {"Authorization": f"Bearer {server.keys()['management']}"}
+    return requests.get(f"{server.management}/models/melanoma", headers=h, timeout=10).json()[0]["modelVersion"]
 
 
 def test_token_is_required(server: Server) -> None:

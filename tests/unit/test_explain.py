@@ -23,8 +23,8 @@ from handler.explain import (
     untta,
     upsample,
 )
-from handler.melanoma_handler import request_headers, wants_overlay
 from handler.pipeline import InputError, PipelineConfig, Scorer, load_tensor, tta_views
+from handler.request import request_headers, wants_overlay
 from testkit.blobs import blob_checkpoint, blob_image, random_center
 from testkit.imaging import encode, jpeg_with_orientation, lesion_rgb
 

@@ -6,8 +6,8 @@ import base64
 
 import pytest
 
-from handler.melanoma_handler import request_bytes
 from handler.pipeline import InputError
+from handler.request import request_bytes
 
 JPEG = b"\xff\xd8\xff\xe0 fake jpeg bytes"
 
@@ -63,7 +63,7 @@ def test_envelope_is_asked_of_the_caller_not_guessed_from_rows() -> None:
 
 
 def test_each_row_is_parsed_once_into_its_own_record() -> None:
-    from handler.melanoma_handler import parse_request
+    from handler.request import parse_request
 
     class Context:
         def get_request_header(self, idx: int, name: str) -> str | None:
@@ -74,3 +74,14 @@ def test_each_row_is_parsed_once_into_its_own_record() -> None:
     assert (good.payload, good.explain, good.overlay, good.error) == (JPEG, False, False, None)
     assert (explained.slot, explained.explain, explained.overlay) == (1, True, True)
     assert bad.error is not None and bad.error.status == 400 and "fields: photo" in str(bad.error)
+
+
+def test_the_adapter_defines_exactly_one_class() -> None:
+    """TorchServe's model loader refuses a handler module that defines more than one class (a dataclass
+    beside the handler made every worker fail to load); this is its own rule, applied to our module."""
+    import inspect
+
+    import handler.melanoma_handler as adapter
+
+    defined = [c.__name__ for _, c in inspect.getmembers(adapter, inspect.isclass) if c.__module__ == adapter.__name__]
+    assert defined == ["MelanomaHandler"]

@@ -1,0 +1,129 @@
+"""One request row of TorchServe, read once: its image bytes (however it was sent), whether it asked for an
+explanation and an overlay, or why it cannot be scored. No TorchServe import: rows are plain mappings and the
+context is only asked for headers, so this runs (and is tested) without a server."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from handler.pipeline import InputError
+
+TRUE = ("1", "true", "yes")
+HOW_TO_SEND = (
+    "send the image as the request body (curl -T img.jpg), as a multipart field "
+    "'data' or 'file', or as JSON {\"image\": \"<base64>\"}"
+)
+
+
+def request_bytes(row: Mapping[str, Any]) -> bytes:
+    """The image bytes of one request, whatever way it was sent."""
+    for key in ("data", "file", "body"):
+        if row.get(key) is not None:
+            value = row[key]
+            break
+    else:
+        names = ", ".join(sorted(str(k) for k in row)) or "none"
+        raise InputError(f"no image in the request (fields: {names}): {HOW_TO_SEND}")
+    if isinstance(value, Mapping):  # TorchServe already parsed an application/json body
+        image = value.get("image")
+        if not isinstance(image, str) or not image:
+            raise InputError("JSON body needs an \"image\" field holding the base64-encoded image")
+        if image.startswith("data:") and "," in image:  # data URL from a browser
+            image = image.split(",", 1)[1]
+        try:
+            return base64.b64decode(image, validate=True)
+        except (binascii.Error, ValueError):
+            raise InputError("the JSON \"image\" field is not valid base64") from None
+    if isinstance(value, (bytes, bytearray)):
+        if bytes(value[:64]).lstrip()[:1] in (b"{", b"["):  # JSON TorchServe could not parse
+            raise InputError("the body looks like JSON but does not parse; " + HOW_TO_SEND)
+        return bytes(value)
+    if isinstance(value, str):
+        image = base64_image(value)
+        if image is not None:  # KServe v1 {"instances": [{"data": "<base64>"}]}, or a text field holding one
+            return image
+        raise InputError(f"the body is text, not an image: {HOW_TO_SEND}", 415)
+    raise InputError(f"unsupported body of type {type(value).__name__}: {HOW_TO_SEND}", 415)
+
+
+IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"RIFF", b"BM", b"II*\x00", b"MM\x00*")
+
+
+def base64_image(text: str) -> bytes | None:
+    """The decoded bytes if `text` is base64 (or a data URL) of something that starts like an image."""
+    if text.startswith("data:") and "," in text:
+        text = text.split(",", 1)[1]
+    try:
+        raw = base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return raw if raw.startswith(IMAGE_MAGIC) else None
+
+
+def wants_overlay(row: Mapping[str, Any], headers: Mapping[str, Any]) -> bool:
+    """A PNG overlay was asked for: multipart field `overlay=true`, "overlay": true in a JSON body, or an
+    `X-Overlay: true` header. (TorchServe 0.12 drops URL query parameters before the handler.)"""
+    value = row.get("overlay")
+    body = next((row[k] for k in ("data", "file", "body") if row.get(k) is not None), None)
+    if value is None and isinstance(body, Mapping):
+        value = body.get("overlay")
+    if value is None:
+        value = next((v for k, v in headers.items() if str(k).lower() == "x-overlay"), None)
+    if isinstance(value, (bytes, bytearray)):
+        value = bytes(value).decode(errors="replace")
+    return value is True or str(value).strip().lower() in TRUE
+
+
+def request_headers(context: Any, idx: int) -> Mapping[str, Any]:
+    """The X-Overlay header, however it was capitalised (0.12's context has no working get-all)."""
+    try:
+        for name in ("X-Overlay", "x-overlay", "X-OVERLAY"):
+            if (value := context.get_request_header(idx, name)) is not None:
+                return {"x-overlay": value}
+    except (AttributeError, IndexError, KeyError):
+        pass
+    return {}
+
+
+def is_explanation(context: Any, idx: int) -> bool:
+    """TorchServe marks each request to /explanations/<model> with the header explain=True."""
+    try:
+        return str(context.get_request_header(idx, "explain")) == "True"
+    except (AttributeError, IndexError, KeyError):
+        return False
+
+
+@dataclass
+class Request:
+    """One request row, parsed once: its image (or why it has none) and what it asked for."""
+
+    slot: int  # TorchServe's index for this request's headers, status and content type
+    payload: bytes = b""
+    tensor: torch.Tensor | None = None
+    explain: bool = False
+    overlay: bool = False
+    error: InputError | None = None
+    probability: float = float("nan")
+    body: dict[str, Any] = field(default_factory=dict)
+    status: int = 200
+    inline: bool = False  # an instance of TorchServe's KServe envelope: answered as a dict, errors inline
+
+
+def parse_request(row: Any, context: Any, slot: int, inline: bool = False) -> Request:
+    """The request record of one row; a row that cannot be read carries its InputError instead."""
+    req = Request(slot, inline=inline)
+    try:
+        if not isinstance(row, Mapping):
+            raise InputError(f"each request must be an object, got {type(row).__name__}: {HOW_TO_SEND}")
+        req.payload = request_bytes(row)
+        req.explain = is_explanation(context, slot)
+        req.overlay = req.explain and wants_overlay(row, request_headers(context, slot))
+    except InputError as e:
+        req.error = e
+    return req
