@@ -37,12 +37,41 @@ fi
 # Install only when the pinned requirements changed since the last successful install.
 stamp=.venv/.requirements-$(basename "$reqs" .txt).sha256
 want=$(cat requirements.txt requirements-app.txt "$reqs" | sha256sum | cut -d' ' -f1)
+# torch first, as the CPU build: the +cpu local version can only be met by a CPU wheel, so this can never
+# resolve to PyPI's CUDA build (several GB with its nvidia-* packages). The wheel comes from PyTorch's CPU
+# index when this machine reaches it, else from wherever pip is configured to find it (a local wheel); with
+# neither, set-up stops here. requirements.txt's torch==2.13.0 is then already met by 2.13.0+cpu.
+torch_pin="torch==2.13.0+cpu"
+cpu_index=https://download.pytorch.org/whl/cpu
 if [[ "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
-  say "installing pinned requirements ($reqs); torch is the CPU build, a few minutes on first run"
+  if ! .venv/bin/python -c 'import sys, torch; sys.exit(torch.__version__ != "2.13.0+cpu")' 2>/dev/null; then
+    extra=()
+    if .venv/bin/python -c "import urllib.request as u; u.urlopen('$cpu_index/torch/', timeout=5)" 2>/dev/null; then
+      extra=(--extra-index-url "$cpu_index")
+    fi
+    say "installing $torch_pin (the CPU build, ~200 MB)${extra:+ from $cpu_index}"
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check "${extra[@]}" "$torch_pin" \
+      || die "could not install $torch_pin: pip needs PyTorch's CPU wheel index ($cpu_index) or a local copy of that wheel; PyPI alone only has the CUDA build"
+  fi
+  say "installing pinned requirements ($reqs); a few minutes on first run"
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -r "$reqs" \
     || die "pip install -r $reqs failed (see above)"
   echo "$want" > "$stamp"
 fi
+# Never a CUDA torch on a machine without a GPU: it would not fit a small instance's disk and cannot run.
+.venv/bin/python - <<'PY' || exit 1
+import importlib.metadata as md
+import os
+import sys
+
+import torch
+
+nvidia = [d.metadata["Name"] for d in md.distributions() if (d.metadata["Name"] or "").lower().startswith("nvidia-")]
+if (torch.version.cuda or nvidia) and not os.path.exists("/dev/nvidia0"):
+    sys.exit(f"setup: error: this .venv holds a CUDA build of torch ({torch.__version__}; {len(nvidia)} nvidia-* "
+             "packages) and this machine has no GPU: rm -rf .venv and run scripts/setup.sh again where "
+             "https://download.pytorch.org/whl/cpu is reachable")
+PY
 # The project's packages (client, exporter, handler, isic, train, testkit) import by name in .venv's Python
 # from any folder and any script, with no sys.path edits: one path entry, what `pip install -e .` would write
 # (rewritten on every run, so a moved checkout only needs this script again).
