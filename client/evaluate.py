@@ -70,20 +70,48 @@ def offline_scorer(target: str) -> OfflineScorer:
     return OfflineScorer(LoadedArchive(Scorer(model, cfg), cfg, meta, torch.get_num_threads(), p))
 
 
+def model_identity(res: dict[str, Any]) -> dict[str, Any]:
+    """What decides a score: the weights, the archive's version, its precision and TTA views."""
+    m = res.get("model") or {}
+    return {"name": m.get("name"), "version": m.get("version"), "weights_sha256": m.get("weights_sha256"),
+            "precision": m.get("precision", "fp32"), "tta_views": res.get("tta_views")}
+
+
 def score_all(scorer: Any, images: dict[str, Path], done: dict[str, float], out_csv: Path, workers: int,
               progress: bool) -> tuple[dict[str, float], dict[str, str], dict[str, Any]]:
-    """Score what is not in `done`, appending each result to the CSV as it arrives (resumable)."""
-    todo = [n for n in images if n not in done]
+    """Score what is not in `done`, appending each result to the CSV as it arrives (resumable). A resume
+    continues only with the model that wrote the earlier scores (recorded beside the CSV)."""
+    record = out_csv.with_name(out_csv.stem + ".model.json")
+    if done and not record.exists():
+        raise ClientError(f"{out_csv} holds {len(done)} scores but no record of the model that wrote them "
+                          f"({record.name}): use another --out, or delete it to start again")
     scores = dict(done)
     failed: dict[str, str] = {}
     info: dict[str, Any] = {}
+    probe: tuple[str, dict[str, Any]] | None = None
+    pending = [n for n in images if n not in done]
+    for name in [*pending[:3], *[n for n in images if n in done][:3]]:  # who is scoring? (one request)
+        try:
+            probe = (name, scorer.predict_file(images[name]))
+            break
+        except ClientError:
+            continue
+    if probe is not None:
+        ident = model_identity(probe[1])
+        if done and json.loads(record.read_text()) != ident:
+            raise ClientError(f"{out_csv} was written by another model ({record.name}: "
+                              f"{json.loads(record.read_text())}); this one is {ident}: use another --out, "
+                              "or delete it to start again")
+        record.write_text(json.dumps(ident, indent=2) + "\n")
+    todo = pending
     new_file = not out_csv.exists()
+    bar = _progress_bar(len(todo)) if progress and todo else None
     with open(out_csv, "a", newline="") as f, ThreadPoolExecutor(max(1, workers)) as pool:
         w = csv.writer(f)
         if new_file:
             w.writerow(["image", "target", "probability"])
-        futures = {pool.submit(scorer.predict_file, images[n]): n for n in todo}
-        for i, fut in enumerate(as_completed(futures), start=1):
+        futures = {pool.submit(_known_or_score, scorer, images[n], probe, n): n for n in todo}
+        for fut in as_completed(futures):
             name = futures[fut]
             try:
                 res = fut.result()
@@ -94,19 +122,48 @@ def score_all(scorer: Any, images: dict[str, Path], done: dict[str, float], out_
                 failed[name] = str(e)
                 continue
             finally:
-                if progress:
-                    print(f"\r  scored {i}/{len(todo)}", end="", file=sys.stderr, flush=True)
+                if bar is not None:
+                    bar.update(1)
             # Results arrive here one at a time (as_completed): no lock needed.
             scores[name] = res["probability"]
             info = {"threshold": res["threshold"], "model": res.get("model", {}), "tta_views": res["tta_views"]}
             w.writerow([name, "", f"{res['probability']:.10f}"])
             f.flush()
-    if progress and todo:
-        print(file=sys.stderr)
+    if bar is not None:
+        bar.close()
+    if not info and probe is not None:  # everything was already scored: the probe says who
+        res = probe[1]
+        info = {"threshold": res["threshold"], "model": res.get("model", {}), "tta_views": res["tta_views"]}
     return scores, failed, info
 
 
-def summarize(labels: dict[str, int], scores: dict[str, float], threshold: float) -> dict[str, Any]:
+def _known_or_score(scorer: Any, path: Path, probe: tuple[str, dict[str, Any]] | None, name: str) -> dict[str, Any]:
+    return probe[1] if probe is not None and probe[0] == name else scorer.predict_file(path)
+
+
+def _progress_bar(total: int) -> Any:
+    """tqdm's bar (rate and ETA) where installed; a bare counter in a client-only install."""
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, unit="img", desc="scoring", file=sys.stderr)
+    except ImportError:
+        class Counter:
+            n = 0
+
+            def update(self, k: int) -> None:
+                self.n += k
+                print(f"\r  scored {self.n}/{total}", end="", file=sys.stderr, flush=True)
+
+            def close(self) -> None:
+                print(file=sys.stderr)
+
+        return Counter()
+
+
+def summarize(labels: dict[str, int], scores: dict[str, float], threshold: float,
+              groups: dict[str, str] | None = None) -> dict[str, Any]:
+    """AUC and operating points; the AUC interval resamples patients when the label file names them."""
     names = [n for n in labels if n in scores]
     y = np.array([labels[n] for n in names])
     p = np.array([scores[n] for n in names])
@@ -115,9 +172,11 @@ def summarize(labels: dict[str, int], scores: dict[str, float], threshold: float
         out["error"] = "AUC needs both melanomas and benign lesions among the scored images"
         return out
     sens, spec = metrics.sens_spec(y, p, threshold)
-    lo, hi = metrics.bootstrap_auc_ci(y, p)
+    g = [groups[n] for n in names] if groups else None
+    by_patient = g is not None and len(set(g)) < len(g)
+    lo, hi = metrics.bootstrap_auc_ci(y, p, groups=np.array(g) if by_patient else None)
     out.update({
-        "auc": metrics.auc(y, p), "auc_95ci": [lo, hi],
+        "auc": metrics.auc(y, p), "auc_95ci": [lo, hi], "bootstrap": "patient" if by_patient else "image",
         "partial_auc_above_80_tpr": metrics.partial_auc_above_tpr(y, p, 0.8),
         "threshold": threshold, "sensitivity_at_threshold": sens, "specificity_at_threshold": spec,
     })
@@ -169,10 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     try:
-        labels = read_labels(Path(args.labels))
+        rows = read_label_rows(Path(args.labels))
     except LabelError as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
+    labels = {r.name: r.target for r in rows}
+    groups = {r.name: r.group for r in rows}
     folder = Path(args.images)
     if not folder.is_dir():
         print(f"evaluate: error: image folder {folder} does not exist", file=sys.stderr)
@@ -209,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             if n in scores:
                 w.writerow([n, labels[n], f"{scores[n]:.10f}"])
     threshold = args.threshold if args.threshold is not None else info.get("threshold", 0.5)
-    summary = summarize(labels, scores, threshold)
+    summary = summarize(labels, scores, threshold, groups)
     summary.update({
         "labels": len(labels), "missing_images": len(missing), "missing_names": missing[:50],
         "unreadable_images": len(failed), "unreadable": dict(list(failed.items())[:50]),
@@ -225,7 +286,13 @@ def main(argv: list[str] | None = None) -> int:
     roc_png(labels, scores, out / "roc.png", f"ROC, AUC {summary.get('auc', float('nan')):.4f}"
             + ("  (DEMO MODEL: meaningless)" if demo else ""))
     print_report(summary, out)
-    return 0
+    # Exit 1 when the report is incomplete: an image could not be scored, or the AUC is undefined.
+    if failed:
+        print(f"evaluate: {len(failed)} image(s) could not be scored (listed above and in summary.json)",
+              file=sys.stderr)
+    if "auc" not in summary:
+        print(f"evaluate: {summary.get('error', 'no AUC')}", file=sys.stderr)
+    return 1 if failed or "auc" not in summary else 0
 
 
 def print_report(s: dict[str, Any], out: Path) -> None:
@@ -237,8 +304,8 @@ def print_report(s: dict[str, Any], out: Path) -> None:
         print(f"  unreadable: {name}: {err}")
     if "auc" in s:
         lo, hi = s["auc_95ci"]
-        print(f"ROC AUC {s['auc']:.4f} (95% CI {lo:.4f}-{hi:.4f}); partial AUC above 80% TPR "
-              f"{s['partial_auc_above_80_tpr']:.4f} (max 0.2)")
+        print(f"ROC AUC {s['auc']:.4f} (95% CI {lo:.4f}-{hi:.4f}, bootstrap by {s['bootstrap']}); "
+              f"partial AUC above 80% TPR {s['partial_auc_above_80_tpr']:.4f} (max 0.2)")
         print(f"at threshold {s['threshold']:.4f}: sensitivity {s['sensitivity_at_threshold']:.3f}, "
               f"specificity {s['specificity_at_threshold']:.3f}")
         for k in ("95", "90"):

@@ -63,18 +63,27 @@ def threshold_for_sensitivity(y: np.ndarray, p: np.ndarray, sensitivity: float) 
     return t, s, sp
 
 
-def bootstrap_auc_ci(y: np.ndarray, p: np.ndarray, n: int = 1000, seed: int = 0,
-                     level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap over images; resamples holding one class only are skipped."""
+def bootstrap_auc_ci(y: np.ndarray, p: np.ndarray, n: int = 1000, seed: int = 0, level: float = 0.95,
+                     groups: np.ndarray | None = None) -> tuple[float, float]:
+    """Percentile bootstrap of the AUC; resamples holding one class only are skipped. With `groups` (e.g. the
+    patient of each image) whole groups are resampled: a patient's images are not independent, and resampling
+    them one by one makes the interval too narrow."""
     rng = np.random.default_rng(seed)
     y = np.asarray(y, dtype=bool)
     p = np.asarray(p, dtype=np.float64)
+    if groups is None:
+        members = [np.array([i]) for i in range(len(y))]
+    else:
+        _, inverse = np.unique(np.asarray(groups), return_inverse=True)
+        members = [np.flatnonzero(inverse == g) for g in range(inverse.max() + 1)]
     vals = []
     for _ in range(n):
-        idx = rng.integers(0, len(y), len(y))
+        idx = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
         yb = y[idx]
         if yb.all() or not yb.any():
             continue
         vals.append(auc(yb, p[idx]))
+    if not vals:  # e.g. one patient holding every image: no resample has both classes to compare
+        return float("nan"), float("nan")
     lo, hi = np.percentile(vals, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
     return float(lo), float(hi)

@@ -39,8 +39,8 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
         w = csv.writer(f)
         w.writerow(["image_name", "patient_id", "sex", "age_approx", "anatom_site_general_challenge",
                     "diagnosis", "benign_malignant", "target"])
-        for name, t in rows:
-            w.writerow([name, "IP_1", "male", 45, "torso", "melanoma" if t else "nevus",
+        for i, (name, t) in enumerate(rows):  # three images per patient
+            w.writerow([name, f"IP_{i // 3}", "male", 45, "torso", "melanoma" if t else "nevus",
                         "malignant" if t else "benign", t])
     with open(root / "ISIC_2019_Training_GroundTruth.csv", "w", newline="") as f:  # ISIC 2019
         w = csv.writer(f)
@@ -62,8 +62,10 @@ def read_scores(path: Path) -> dict[str, tuple[int, float]]:
 def test_served_offline_and_compare(server: Server, demo_archive: Path, dataset: Path, tmp_path: Path) -> None:
     served = run("--labels", str(dataset / "train.csv"), "--images", str(dataset / "train"), "--url", server.url,
                  "--key-file", str(server.key_file), "--out", str(tmp_path / "served"))
-    assert served.returncode == 0, served.stderr
+    # one image could not be scored: the report is written, and the exit status says it is incomplete
+    assert served.returncode == 1 and "1 image(s) could not be scored" in served.stderr, served.stderr
     s = json.loads((tmp_path / "served" / "summary.json").read_text())
+    assert s["bootstrap"] == "patient"  # the 2020 file names patients
     assert (s["labels"], s["scored"], s["missing_images"], s["unreadable_images"]) == (18, 16, 1, 1)
     assert s["missing_names"] == ["ISIC_missing"] and "ISIC_broken" in s["unreadable"]
     assert "DEMO" in s["warning"] and "means nothing" in served.stdout
@@ -75,7 +77,8 @@ def test_served_offline_and_compare(server: Server, demo_archive: Path, dataset:
 
     offline = run("--labels", str(dataset / "ISIC_2019_Training_GroundTruth.csv"), "--images",
                   str(dataset / "train"), "--offline", str(demo_archive), "--out", str(tmp_path / "offline"))
-    assert offline.returncode == 0, offline.stderr
+    assert offline.returncode == 1, offline.stderr
+    assert json.loads((tmp_path / "offline" / "summary.json").read_text())["bootstrap"] == "image"  # 2019: none
     off = read_scores(tmp_path / "offline" / "scores.csv")
     assert set(off) == set(scores)
     assert max(abs(off[n][1] - scores[n][1]) for n in off) <= 1e-4
@@ -83,23 +86,35 @@ def test_served_offline_and_compare(server: Server, demo_archive: Path, dataset:
 
     cmp = run("--labels", str(dataset / "train.csv"), "--images", str(dataset / "train"), "--url", server.url,
               "--key-file", str(server.key_file), "--compare", str(demo_archive), "--out", str(tmp_path / "cmp"))
-    assert cmp.returncode == 0, cmp.stderr
+    assert cmp.returncode == 1, cmp.stderr
     c = json.loads((tmp_path / "cmp" / "summary.json").read_text())["compare"]
     assert c["images"] == 16 and c["max_abs_delta"] <= 1e-4
 
 
-def test_resume_scores_only_what_is_left(demo_archive: Path, dataset: Path, tmp_path: Path) -> None:
+def test_resume_scores_only_what_is_left_and_only_with_the_same_model(demo_archive: Path, dataset: Path,
+                                                                      tmp_path: Path) -> None:
     out = tmp_path / "resume"
-    out.mkdir()
-    with open(out / "scores.csv", "w", newline="") as f:  # an interrupted run: 2 of 16 done
-        f.write("image,target,probability\nISIC_0000000,,0.1234567890\nISIC_0000001,,0.9876543210\n")
-    r = run("--labels", str(dataset / "train.csv"), "--images", str(dataset / "train"), "--offline",
+    args = ("--labels", str(dataset / "train.csv"), "--images", str(dataset / "train"), "--offline",
             str(demo_archive), "--out", str(out))
-    assert r.returncode == 0, r.stderr
+    assert run(*args).returncode == 1  # complete but for the unreadable image
+    record = json.loads((out / "scores.model.json").read_text())
+    assert record["tta_views"] == 8 and len(record["weights_sha256"]) == 64 and record["precision"] == "fp32"
+    # an interrupted run: 2 of 16 done (sentinel values show they are kept, not re-scored)
+    (out / "scores.csv").write_text("image,target,probability\nISIC_0000000,,0.1234567890\n"
+                                    "ISIC_0000001,,0.9876543210\n")
+    r = run(*args)
+    assert r.returncode == 1, r.stderr
     scores = read_scores(out / "scores.csv")
     assert len(scores) == 16
-    assert scores["ISIC_0000000"][1] == pytest.approx(0.123456789)  # kept, not re-scored
+    assert scores["ISIC_0000000"][1] == pytest.approx(0.123456789)
     assert scores["ISIC_0000001"][1] == pytest.approx(0.987654321)
+    # scores written by another model are never mixed in
+    (out / "scores.model.json").write_text(json.dumps({**record, "weights_sha256": "0" * 64}))
+    other = run(*args)
+    assert other.returncode == 2 and other.stderr.count("\n") == 1 and "written by another model" in other.stderr
+    (out / "scores.model.json").unlink()
+    unknown = run(*args)
+    assert unknown.returncode == 2 and "no record of the model" in unknown.stderr
 
 
 @pytest.mark.parametrize("content,words", [

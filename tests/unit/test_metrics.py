@@ -58,3 +58,22 @@ def test_bootstrap_interval_brackets_the_auc() -> None:
     p = rng.random(400) + 0.4 * y
     lo, hi = metrics.bootstrap_auc_ci(y, p, n=300)
     assert lo < metrics.auc(y, p) < hi and hi - lo < 0.2
+
+
+def test_patient_bootstrap_is_wider_than_image_bootstrap_when_images_cluster() -> None:
+    """Several images per patient, scores shared within a patient (as photos of one person's lesions are):
+    resampling patients gives the honest, wider interval."""
+    rng = np.random.default_rng(3)
+    patients = 40
+    per = 6
+    y_pat = rng.random(patients) < 0.3
+    centre = np.where(y_pat, 0.62, 0.45) + rng.normal(0, 0.15, patients)
+    groups = np.repeat(np.arange(patients), per)
+    y = np.repeat(y_pat, per).astype(int)
+    p = np.repeat(centre, per) + rng.normal(0, 0.01, patients * per)
+    lo_i, hi_i = metrics.bootstrap_auc_ci(y, p, n=400)
+    lo_p, hi_p = metrics.bootstrap_auc_ci(y, p, n=400, groups=groups)
+    assert lo_p <= metrics.auc(y, p) <= hi_p
+    assert (hi_p - lo_p) > 1.5 * (hi_i - lo_i), ((lo_i, hi_i), (lo_p, hi_p))
+    # one image per patient: the two are the same resampling
+    assert metrics.bootstrap_auc_ci(y, p, n=200, groups=np.arange(len(y))) == metrics.bootstrap_auc_ci(y, p, n=200)
