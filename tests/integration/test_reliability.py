@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -172,6 +173,35 @@ def test_body_over_max_request_size(live: Server) -> None:
            "413 (from TorchServe's frontend, before the handler)",
            f"{r.status_code}, body {r.text[:80]!r}", ok)
     assert ok
+
+
+def test_fuzzed_inputs_against_the_server(live: Server, offline: LoadedArchive) -> None:
+    """The unit tier's mutation corpus (testkit/fuzz.py) through real TorchServe: each answer is what the
+    pipeline gives in-process (200 with the same score, or the same 4xx), never a 5xx."""
+    from handler.pipeline import PipelineConfig
+    from testkit.fuzz import check, fuzz
+
+    sent: list[tuple[str, bytes]] = []
+    fuzz(120, seed=7, on_input=lambda name, data: sent.append((name, data)))
+    statuses: Counter[int] = Counter()
+    wrong = []
+    for name, data in sent:
+        r = requests.post(f"{live.url}/predictions/melanoma", data=data,
+                          headers={**live.headers(), "Content-Type": "application/octet-stream"}, timeout=60)
+        statuses[r.status_code] += 1
+        want = check(data, PipelineConfig())
+        if want == "tensor":
+            ok = r.status_code == 200 and abs(r.json()["probability"] - offline.score(data)["probability"]) <= 1e-4
+        else:
+            ok = r.status_code == int(want.split(":")[1]) and "error" in r.json()
+        if not ok:
+            wrong.append((name, want, r.status_code, r.text[:120]))
+    ok = not wrong and not any(code >= 500 for code in statuses)
+    record("Inputs", f"{len(sent)} fuzzed images (mutated JPEG/PNG/WebP/TIFF/GIF/BMP)",
+           "each answer equals the in-process outcome; no 5xx",
+           ", ".join(f"{n} x {c}" for c, n in sorted(statuses.items())) + (f"; {len(wrong)} differ" if wrong else ""),
+           ok)
+    assert ok, wrong[:5]
 
 
 def test_healthy_after_bad_inputs(live: Server) -> None:
