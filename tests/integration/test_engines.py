@@ -1,5 +1,7 @@
 """The same .mar under the TorchServe settings KServe and SageMaker use, on real TorchServe (loopback):
-the v1 envelope of KServe's TorchServe runtime, and SageMaker's GET /ping + POST /invocations."""
+the v1 envelope of KServe's (legacy) TorchServe runtime; SageMaker's GET /ping + POST /invocations; and the
+keyless /ping + /predictions that KServe's custom predictor container (deploy/kserve/container.properties,
+the same auth settings as SageMaker's) serves its probes and callers."""
 
 from __future__ import annotations
 
@@ -65,6 +67,12 @@ def test_sagemaker_ping_and_invocations(sagemaker: Server, demo_archive: Path) -
                       headers={"Content-Type": "application/octet-stream"}, timeout=120)
     assert r.status_code == 200, r.text
     assert abs(r.json()["probability"] - offline.score(data)["probability"]) <= 1e-4
+    # KServe's custom predictor container: the same auth settings, the ordinary endpoint, no key
+    assert deploy_props(Path("deploy/kserve/container.properties"), ("disable_token_authorization",)) == \
+        deploy_props(Path("deploy/sagemaker/config.properties"), ("disable_token_authorization",))
+    plain = requests.post(f"{sagemaker.url}/predictions/melanoma", data=data,
+                          headers={"Content-Type": "application/octet-stream"}, timeout=120)
+    assert plain.status_code == 200 and plain.json()["probability"] == r.json()["probability"]
     bad = requests.post(f"{sagemaker.url}/invocations", data=b"text",
                         headers={"Content-Type": "application/octet-stream"}, timeout=60)
     assert bad.status_code == 415 and bad.json()["code"] == 415

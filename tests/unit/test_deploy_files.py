@@ -39,24 +39,45 @@ PREDICTOR_FIELDS = {"minReplicas", "maxReplicas", "scaleMetric", "scaleTarget", 
 MODEL_FIELDS = {"modelFormat", "protocolVersion", "runtime", "storageUri", "resources", "env", "args", "ports"}
 
 
-def test_inferenceservice_fields() -> None:
-    isvc = yaml.safe_load((DEPLOY / "kserve" / "inferenceservice.yaml").read_text())
+def test_inferenceservice_runs_our_image_as_a_custom_predictor() -> None:
+    """No modelFormat runtime from KServe (its TorchServe runtime is being removed): our image, our config."""
+    text = (DEPLOY / "kserve" / "inferenceservice.yaml").read_text()
+    isvc = yaml.safe_load(text)
     assert isvc["apiVersion"] == "serving.kserve.io/v1beta1" and isvc["kind"] == "InferenceService"
     assert set(isvc) == {"apiVersion", "kind", "metadata", "spec"} and set(isvc["spec"]) == {"predictor"}
     pred = isvc["spec"]["predictor"]
-    assert set(pred) <= PREDICTOR_FIELDS, set(pred) - PREDICTOR_FIELDS
+    assert "modelFormat" not in yaml.safe_dump(isvc) and "model" not in pred and "runtime" not in yaml.safe_dump(pred)
+    assert set(pred) <= PREDICTOR_FIELDS | {"containers"}, set(pred) - PREDICTOR_FIELDS
     assert pred["scaleMetric"] in ("cpu", "memory", "concurrency", "rps")
     assert 1 <= pred["minReplicas"] <= pred["maxReplicas"] and pred["scaleTarget"] >= 1
+    (container,) = pred["containers"]
+    # the container is an ordinary Kubernetes container: validated strictly against the 1.31 schema
+    kubernetes_validate.validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"},
+                                  "spec": {"containers": [container]}}, "1.31", strict=True)
+    assert container["name"] == "kserve-container" and container["ports"] == [{"containerPort": 8080,
+                                                                               "protocol": "TCP"}]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/ping", "port": 8080}
+    assert container["securityContext"]["runAsNonRoot"] is True
+    res = container["resources"]  # sized from the measurements: JVM + one worker need ~0.8-0.9 GiB
+    assert res["requests"]["memory"] == "1Gi" and res["limits"]["memory"] == "1536Mi"
+    # the image it names is built from our Dockerfile with this folder's config
+    assert "--build-arg CONFIG=deploy/kserve/container.properties" in text
+    docker, kserve = props(DEPLOY / "docker" / "config.properties"), props(DEPLOY / "kserve" / "container.properties")
+    changed = {k for k in docker.keys() | kserve.keys() if docker.get(k) != kserve.get(k)}
+    assert changed == {"disable_token_authorization"} and kserve["inference_address"] == "http://0.0.0.0:8080"
+
+
+def test_legacy_runtime_inferenceservice_fields() -> None:
+    isvc = yaml.safe_load((DEPLOY / "kserve" / "inferenceservice-torchserve-runtime.yaml").read_text())
+    pred = isvc["spec"]["predictor"]
+    assert set(pred) <= PREDICTOR_FIELDS, set(pred) - PREDICTOR_FIELDS
     model = pred["model"]
     assert set(model) <= MODEL_FIELDS, set(model) - MODEL_FIELDS
     assert model["modelFormat"] == {"name": "pytorch"} and model["protocolVersion"] in ("v1", "v2")
     assert re.match(r"^(s3|gs|pvc|https?)://", model["storageUri"])
-    res = model["resources"]
-    kubernetes_validate.validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"},
-                                  "spec": {"containers": [{"name": "x", "image": "x", "resources": res}]}},
+    pod = {"containers": [{"name": "x", "image": "x", "resources": model["resources"]}]}
+    kubernetes_validate.validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}, "spec": pod},
                                  "1.31", strict=True)
-    # sized from the measurements: JVM + one worker need ~0.8-0.9 GiB
-    assert res["requests"]["memory"] == "1Gi" and res["limits"]["memory"] == "1536Mi"
 
 
 def test_kserve_config_matches_its_runtime_and_our_defaults() -> None:
