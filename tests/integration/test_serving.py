@@ -131,8 +131,9 @@ def test_batch_with_one_corrupt_request(server_of: Server, offline_of: LoadedArc
 
 
 def test_text_field_named_data_beside_ordinary_requests(server: Server, offline: LoadedArchive) -> None:
-    """A multipart text field `data` holding base64 looks like a KServe instance; it must not switch its
-    batch-mates to envelope answers: each request keeps its own status and JSON answer."""
+    """A multipart text field `data` (here holding base64 text) looks like a KServe instance; it must not
+    switch its batch-mates to envelope answers. TorchServe hands the field over as bytes: it is read as an
+    image body, which it is not, so it gets its own 415 JSON; each batch-mate keeps its own status and score."""
     images = [encode(lesion_rgb(seed=s)) for s in range(20, 23)]
     url, h = f"{server.url}/predictions/melanoma", server.headers()
     calls = [
@@ -145,11 +146,13 @@ def test_text_field_named_data_beside_ordinary_requests(server: Server, offline:
     before = server.log().count("batch of 4")
     with ThreadPoolExecutor(4) as pool:
         answers = list(pool.map(lambda call: call(), calls))
-    assert [r.status_code for r in answers] == [200, 200, 400, 200], [r.text for r in answers]
-    for img, r in zip(images, [answers[0], answers[1], answers[3]], strict=True):
-        assert r.headers["Content-Type"].startswith("application/json")
-        assert abs(r.json()["probability"] - offline.score(img)["probability"]) <= 1e-4
+    assert [r.status_code for r in answers] == [415, 200, 400, 200], [r.text for r in answers]
+    for r in answers:  # every answer is this request's own JSON object, never an envelope's dict
+        assert r.headers["Content-Type"].startswith("application/json") and isinstance(r.json(), dict)
+    assert answers[0].json()["code"] == 415 and "not an image" in answers[0].json()["error"]
     assert answers[2].json()["code"] == 400
+    for img, r in zip(images[1:], [answers[1], answers[3]], strict=True):
+        assert abs(r.json()["probability"] - offline.score(img)["probability"]) <= 1e-4
     assert server.log().count("batch of 4") > before, "the four requests were not batched together"
 
 
