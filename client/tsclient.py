@@ -372,19 +372,13 @@ def server_module(name: str) -> Any:
                           "repository's .venv (scripts/setup.sh), or score through a server") from None
 
 
-def _import_pipeline() -> Any:
-    import handler.pipeline as pipeline  # offline mode only: the online client needs no torch
-
-    return pipeline
-
-
 class OfflineScorer:
     """Scores in-process through handler/pipeline.py with the model from a .mar: the same code the
     server runs, for checking a deployment without one."""
 
     def __init__(self, loaded: Any) -> None:
         self.archive = loaded
-        self._input_error = _import_pipeline().InputError
+        self._input_error = server_module("handler.pipeline").InputError
         self._explainer: Any = None
 
     @classmethod
@@ -393,7 +387,7 @@ class OfflineScorer:
         try:
             return cls(ar.load_archive(archive, threads=threads))
         except (ar.ArchiveError, OSError) as e:  # OSError: no such file, or not an archive
-            raise ClientError(f"{archive}: {e}") from None
+            raise ClientError(str(e) if str(archive) in str(e) else f"{archive}: {e}") from None
 
     def predict_file(self, path: Path, explain: bool = False) -> dict[str, Any]:
         data = read_image_file(path)
