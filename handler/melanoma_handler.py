@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -96,6 +97,13 @@ class MelanomaHandler(BaseHandler):
         self._metrics = register_metrics(context)
         self._emit("MelanomaTTAViews", self.cfg.tta_views)
         self.initialized = True
+
+    def describe_handle(self) -> dict[str, Any]:
+        """GET <management>/models/melanoma/<version>?customized=true: what this worker serves, and its pid.
+        The describe job travels through the model's job queue like a prediction, so its answer also proves
+        that this worker finished every job it took before it (scripts/update_model.sh drains on that)."""
+        model = result(0.0, self.cfg, self.metadata)["model"]
+        return {**model, "tta_views": self.cfg.tta_views, "threshold": self.cfg.threshold, "worker_pid": os.getpid()}
 
     def preprocess(self, data: list[Any]) -> list[Request]:
         """Each row parsed once into a Request; decode and preprocess; failures carry their error."""

@@ -378,8 +378,8 @@ def test_access(live: Server) -> None:
     h = {"Authorization": f"Bearer {keys['management']}"}
     for url in ("https://example.invalid/evil.mar", "file:///etc/passwd"):
         r = requests.post(f"{mgmt}?url={url}", headers=h, timeout=30)
-        ok = r.status_code >= 400
-        record("Access", f"register a model from {url}", "refused (model API off)",
+        ok = r.status_code in (400, 404)
+        record("Access", f"register a model from {url}", "refused (allowed_urls: model_store archives only)",
                f"{r.status_code} {r.json().get('message', '')[:80]}", ok)
         assert ok
 

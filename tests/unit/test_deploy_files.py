@@ -87,8 +87,10 @@ def test_kserve_config_matches_its_runtime_and_our_defaults() -> None:
     assert '"marName":"melanoma.mar"' in k["model_snapshot"]
     for addr in ("inference_address", "management_address", "metrics_address"):
         assert "127.0.0.1" in k[addr], addr
-    for same in ("enable_model_api", "max_request_size", "vmargs", "default_workers_per_model"):
+    for same in ("max_request_size", "vmargs", "default_workers_per_model"):
         assert k[same] == ours[same], same
+    # no token auth in KServe: registering models over HTTP must be off (ours has it on, behind the key)
+    assert k["enable_model_api"] == "false" and ours["enable_model_api"] == "true"
 
 
 def test_container_configs_differ_from_ours_only_where_documented() -> None:
@@ -96,8 +98,9 @@ def test_container_configs_differ_from_ours_only_where_documented() -> None:
     docker = props(DEPLOY / "docker" / "config.properties")
     sagemaker = props(DEPLOY / "sagemaker" / "config.properties")
     changed = {k for k in ours.keys() | docker.keys() if ours.get(k) != docker.get(k)}
-    assert changed == {"inference_address", "model_store"}
+    assert changed == {"inference_address", "model_store", "enable_model_api"}
     assert docker["inference_address"] == "http://0.0.0.0:8080"
+    assert docker["enable_model_api"] == "false"  # a container is replaced by a new image, not updated in place
     assert "127.0.0.1" in docker["management_address"] and "127.0.0.1" in docker["metrics_address"]
     changed = {k for k in docker.keys() | sagemaker.keys() if docker.get(k) != sagemaker.get(k)}
     assert changed == {"disable_token_authorization"} and sagemaker["disable_token_authorization"] == "true"

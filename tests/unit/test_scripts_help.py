@@ -30,7 +30,7 @@ def test_help_does_not_act(script: str, flag: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("script", ["scripts/setup.sh", "scripts/token.sh", "scripts/make_cert.sh",
-                                    "scripts/rotate_key.sh", "build_mar.sh"])
+                                    "scripts/rotate_key.sh", "scripts/update_model.sh", "build_mar.sh"])
 def test_unknown_options_are_refused(script: str, tmp_path: Path) -> None:
     """Scripts whose arguments are not handed on to another tool refuse an option they do not know, with one
     line and a non-zero exit, before doing anything (make_cert.sh once made a folder named --bogus)."""
