@@ -82,6 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--calibration-labels", help="their labels (ISIC 2020 or 2019 CSV): also report both AUCs")
     ap.add_argument("--max-delta", type=float, default=0.02,
                     help="refuse a reduced-precision archive whose max |dp| vs fp32 exceeds this (default 0.02)")
+    ap.add_argument("--compile-cache", default=os.environ.get("MELANOMA_COMPILE_CACHE"), metavar="DIR",
+                    help="keep compiled bf16 packages in this private folder and reuse one when the weights, torch, "
+                    "compiler and CPU are the same (default: $MELANOMA_COMPILE_CACHE, else off)")
     ap.add_argument("--force-precision", action="store_true",
                     help="write the reduced-precision archive even above --max-delta")
     ap.add_argument("--no-explain", action="store_true",
@@ -156,7 +159,7 @@ def build(args: argparse.Namespace) -> Path:
         calibration_images(Path(args.calibration_dir))  # a wrong folder fails now, not after the compile
         # Compile (about a minute) before anything else is exported, so that a machine without a
         # compiler fails in seconds.
-        reduced, compiled = export_bf16(ckpt, cfg.image_size)
+        reduced, compiled = export_bf16(ckpt, cfg.image_size, args.compile_cache)
     model_bytes = export_torchscript(ckpt, cfg.image_size)
     precision: dict[str, Any] = {"name": "fp32"}
     model_file = MODEL_FILE

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -140,7 +142,37 @@ def cxx_compiler() -> str | None:
     return shutil.which(cxx) if cxx else shutil.which("g++") or shutil.which("c++")
 
 
-def export_bf16(ckpt: LoadedCheckpoint, image_size: int) -> tuple[bytes, dict[str, Any]]:
+def compile_cache_key(reference: nn.Module, image_size: int, compiler: str, isa: object) -> str:
+    """What the compiled package depends on: the weights (every tensor's bytes), the export code (this file),
+    resnest, torch, the compiler and the vector ISA Inductor picked. Anything else changed, it compiles anew."""
+    from importlib import metadata
+
+    h = hashlib.sha256(b"melanoma-aoti-bf16-v1\0")
+    for part in (torch.__version__, metadata.version("resnest"), os.path.realpath(compiler), str(isa),
+                 " ".join(isa.build_arch_flags()) if isa else "", str(image_size)):
+        h.update(part.encode() + b"\0")
+    h.update(Path(__file__).read_bytes())
+    for name, t in reference.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def private_cache_dir(folder: str | Path) -> Path:
+    """A cache of native code must be this user's alone: created 0700, refused if others may write to it."""
+    path = Path(folder).expanduser()
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise ExportError(f"compile cache {path} is not private (owner uid {st.st_uid}, mode "
+                          f"{st.st_mode & 0o777:o}): it holds native code the build and server run; "
+                          "chmod 700 it or choose another")
+    return path
+
+
+def export_bf16(ckpt: LoadedCheckpoint, image_size: int,
+                cache: str | Path | None = None) -> tuple[bytes, dict[str, Any]]:
     """The model in bf16, compiled ahead of time by AOTInductor into a .pt2 package.
 
     Why not TorchScript: its best bf16 (channels-last, frozen) ran the 8-view forward only 1.6-1.9x faster
@@ -148,6 +180,10 @@ def export_bf16(ckpt: LoadedCheckpoint, image_size: int) -> tuple[bytes, dict[st
     blocks' element-wise work and runs 1.9-2.2x (docs/PRECISION.md). The package holds native code for
     this CPU's vector ISA and this torch: both are recorded, and the loader refuses a mismatch rather
     than crash. Needs a C++ compiler now, none at serving time. Returns the package and what it needs.
+
+    `cache` (opt-in, build_mar.sh --compile-cache): a private folder of packages by compile_cache_key, so a
+    rebuild of the same weights (another threshold, bound or calibration set) skips the compile. A package
+    from the cache is verified against the eager model exactly like a fresh one.
     """
     compiler = cxx_compiler()
     if compiler is None:
@@ -159,6 +195,18 @@ def export_bf16(ckpt: LoadedCheckpoint, image_size: int) -> tuple[bytes, dict[st
     from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 
     reference = MalignancyLogit(ckpt.module, ckpt.outputs).eval()
+    with inductor_config.patch({"cpp.cxx": (None, compiler)}):
+        isa = pick_vec_isa()  # what the compile will target (it asks this compiler)
+    info = {"format": "aotinductor", "vec_isa": str(isa) if isa else "none",
+            "cpu_flags": cpu_flags_for(isa.build_arch_flags()) if isa else [], "torch": torch.__version__}
+    cached = None
+    if cache is not None:
+        cached = private_cache_dir(cache) / f"bf16-{compile_cache_key(reference, image_size, compiler, isa)}.pt2"
+        if cached.is_file():
+            data = cached.read_bytes()
+            verify(reference, load_model(data, "bf16"), image_size, BF16_RELATIVE, "bf16 model (from the cache)")
+            print(f"bf16: compiled package reused from {cached}", file=sys.stderr)
+            return data, info
     eager = Bfloat16Logit(copy.deepcopy(reference)).eval()
     example = torch.randn(8, 3, image_size, image_size)
     # A private Inductor cache: nothing from an earlier build is reused, nothing is left behind in /tmp.
@@ -168,15 +216,16 @@ def export_bf16(ckpt: LoadedCheckpoint, image_size: int) -> tuple[bytes, dict[st
                 batch = torch.export.Dim("batch", min=1, max=4096)
                 program = torch.export.export(eager, (example,), dynamic_shapes=({0: batch},))
                 path = aoti_compile_and_package(program, package_path=os.path.join(tmp, "model.pt2"))
-                isa = pick_vec_isa()
             data = Path(path).read_bytes()
         except Exception as e:
             first = (str(e).strip().splitlines() or [""])[0][:300]
             raise ExportError(f"AOTInductor could not compile the bf16 model: {type(e).__name__}: {first}") from None
     del eager, program
     verify(reference, load_model(data, "bf16"), image_size, BF16_RELATIVE, "bf16 model")
-    info = {"format": "aotinductor", "vec_isa": str(isa) if isa else "none",
-            "cpu_flags": cpu_flags_for(isa.build_arch_flags()) if isa else [], "torch": torch.__version__}
+    if cached is not None:  # only a verified package is kept; written whole or not at all
+        tmp_file = cached.with_name(f".{cached.name}.{os.getpid()}")
+        tmp_file.write_bytes(data)
+        os.replace(tmp_file, cached)
     return data, info
 
 

@@ -3,6 +3,7 @@ network trained by train/ (the trained fixture) so that every numeric check also
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,15 @@ from train.synthetic import write_dataset
 FIXTURE_TRAIN_ARGS = ("--epochs", "3", "--batch-size", "16", "--lr", "1e-3", "--warmup-epochs", "0.5",
                       "--precision", "fp32", "--device", "cpu", "--seed", "7", "--save-every", "0")
 FIXTURE_IMAGES, HELDOUT_IMAGES = 400, 96
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compile_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bf16 package is compiled once per session per weights: every build_mar.sh here runs with a private
+    --compile-cache of this session's own (never the user's)."""
+    path = tmp_path_factory.mktemp("compile-cache")
+    os.environ["MELANOMA_COMPILE_CACHE"] = str(path)
+    return path
 
 
 def _require_java() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -96,6 +97,7 @@ def test_bf16_agreement_measured_on_trained_weights(compiler: None, trained_chec
     proc = run_build(str(trained_checkpoint), "--precision", "bf16", "--no-explain", "--calibration-dir",
                      str(heldout_data / "jpeg"), "--calibration-labels", str(heldout_data / "train.csv"),
                      output_dir=tmp_path, check=False)
+    assert "reused from" not in proc.stderr  # other weights: compiled anew, never the demo's package
     report = next(ln for ln in proc.stderr.splitlines() if ln.startswith("bf16 vs fp32 on 96 calibration image(s)"))
     max_dp = float(report.split("max |dp| ")[1].split(",")[0])
     if proc.returncode == 0:
@@ -154,16 +156,26 @@ def test_bf16_build_without_a_compiler_fails_fast(calibration: Path, tmp_path: P
     assert list(tmp_path.iterdir()) == []
 
 
-def test_refused_above_the_bound_and_nothing_written(compiler: None, calibration: Path, tmp_path: Path) -> None:
-    proc = run_build("--precision", "bf16", "--calibration-dir", str(calibration), "--max-delta", "0.000001",
+def test_refused_above_the_bound_and_nothing_written(bf16_store: tuple[Path, str], calibration: Path,
+                                                     tmp_path: Path) -> None:
+    """The same weights as bf16_store: the compiled package comes from the session's compile cache (verified
+    against the eager model like a fresh one), so only the bound decides here."""
+    assert "reused from" not in bf16_store[1]  # the first bf16 build of the demo compiled
+    few = tmp_path.parent / f"{tmp_path.name}-calibration"  # 4 images: only the bound is under test here
+    few.mkdir()
+    for image in sorted(calibration.glob("*.jpg"))[:4]:
+        shutil.copy(image, few)
+    proc = run_build("--precision", "bf16", "--calibration-dir", str(few), "--max-delta", "0.000001",
                      "--no-explain", output_dir=tmp_path, check=False)
-    assert proc.returncode == 2
+    assert proc.returncode == 2 and "bf16: compiled package reused from" in proc.stderr, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("build_mar: error: bf16 differs from fp32 by up to") and "nothing written" in last
     assert list(tmp_path.iterdir()) == []
-    forced = run_build("--precision", "bf16", "--calibration-dir", str(calibration), "--max-delta", "0.000001",
+    forced = run_build("--precision", "bf16", "--calibration-dir", str(few), "--max-delta", "0.000001",
                        "--force-precision", "--no-explain", output_dir=tmp_path)
-    assert forced.returncode == 0 and (tmp_path / "melanoma.mar").exists()
+    assert forced.returncode == 0 and "bf16: compiled package reused from" in forced.stderr
+    prec = load_archive(tmp_path / "melanoma.mar").metadata.precision
+    assert prec["name"] == "bf16" and prec["bound"] == 1e-6 < prec["max_abs_dp"]  # written above it, and says so
 
 
 @pytest.mark.parametrize("args,words", [
