@@ -33,7 +33,7 @@ def main() -> None:
         for i, (cy, cx) in enumerate(cases):
             img = blob_image(size, (cy, cx), radius, seed=1000 + i)
             t = time.perf_counter()
-            cams, _ = ex.cams([preprocess(img, cfg)])
+            cams, _, _ = ex.cams([preprocess(img, cfg)])
             secs += time.perf_counter() - t
             grid = tuple(cams.shape[1:])
             heat = upsample(cams[0], (size, size))

@@ -13,6 +13,7 @@ import io
 from collections.abc import Sequence
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -50,8 +51,9 @@ class Explainer:
         self.cfg = cfg
         self.layer = layer
 
-    def cams(self, tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (N x h x w Grad-CAM maps in [0, 1] at the stage's resolution, (views*N) logits)."""
+    def cams(self, tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (N x h x w Grad-CAM maps in [0, 1] at the stage's resolution, each divided by its own peak;
+        the N peaks (raw Grad-CAM, logit per activation unit); (views*N) logits)."""
         x = torch.stack(list(tensors))
         batch = tta_views(x, self.cfg.tta_views).contiguous()
         with torch.no_grad():
@@ -65,7 +67,7 @@ class Explainer:
         cam = untta(cam, len(tensors), self.cfg.tta_views).mean(dim=0)
         peak = cam.amax(dim=(1, 2), keepdim=True)
         cam = torch.where(peak > 0, cam / peak.clamp_min(1e-30), torch.zeros_like(cam))
-        return cam, logits.detach().reshape(-1)
+        return cam, peak.reshape(-1), logits.detach().reshape(-1)
 
 
 def load_explainer(archive: LoadedArchive) -> Explainer:
@@ -101,15 +103,10 @@ def upsample(cam: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     return up[0, 0].clamp(0, 1).numpy()
 
 
-# Anchor colours of a perceptually ordered map (dark blue -> cyan -> yellow -> red).
-_ANCHORS = np.array([[0, 0, 130], [0, 90, 255], [0, 220, 220], [255, 230, 0], [255, 60, 0], [180, 0, 0]], float)
-
-
 def colorize(heat: np.ndarray) -> np.ndarray:
-    pos = np.clip(heat, 0, 1) * (len(_ANCHORS) - 1)
-    lo = np.floor(pos).astype(int).clip(0, len(_ANCHORS) - 2)
-    t = (pos - lo)[..., None]
-    return ((1 - t) * _ANCHORS[lo] + t * _ANCHORS[lo + 1]).astype(np.uint8)
+    """[0, 1] -> RGB through OpenCV's Turbo colour map (perceptually ordered: dark blue at 0, dark red at 1)."""
+    levels = np.round(np.clip(heat, 0, 1) * 255).astype(np.uint8)
+    return cv2.applyColorMap(levels, cv2.COLORMAP_TURBO)[..., ::-1].copy()  # OpenCV answers BGR
 
 
 def overlay_png(rgb: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> bytes:
@@ -132,7 +129,7 @@ def explain_images(explainer: Explainer, images: Sequence[bytes], probabilities:
     tolerance = max(P_TOLERANCE, 2 * float(model_info.precision.get("bound", 0.0)))
     if tensors is None:
         tensors = [preprocess(decode_image(d, cfg), cfg) for d in images]
-    cams, logits = explainer.cams(tensors)
+    cams, peaks, logits = explainer.cams(tensors)
     check = torch.sigmoid(logits.double().reshape(cfg.tta_views, len(images))).mean(dim=0)
     out = []
     for i, data in enumerate(images):
@@ -141,7 +138,9 @@ def explain_images(explainer: Explainer, images: Sequence[bytes], probabilities:
                                f"{probabilities[i]:.6f}): the archive is inconsistent")
         height, width = original_size(data)
         size = heatmap_size(height, width)
-        heat = upsample(cams[i], size)
+        # One scale for every image: the map relative to its own peak, times the probability. Its grid's
+        # brightest cell is the probability, so a p = 0.02 image shows a cold map and p = 0.98 a hot one.
+        heat = upsample(cams[i], size) * probabilities[i]
         body = result(probabilities[i], cfg, model_info)
         body["explanation"] = {
             "method": "grad-cam",
@@ -150,6 +149,8 @@ def explain_images(explainer: Explainer, images: Sequence[bytes], probabilities:
             "grid": list(cams[i].shape),
             "image_size": [height, width],
             "shape": list(size),
+            "scale": "probability",
+            "peak": float(f"{float(peaks[i]):.6g}"),
             "heatmap": np.round(heat, DECIMALS).tolist(),
             # Grad-CAM keeps positive evidence for "malignant" only: a map of zeros means no region
             # raised the malignancy logit (common for clearly benign scores), not a failure.

@@ -53,16 +53,20 @@ def demo_explainer() -> Explainer:
 
 def test_heatmaps_finite_in_range_and_shaped(demo_explainer: Explainer) -> None:
     images = [encode(lesion_rgb(240, 320, seed=s)) for s in range(3)]
-    cams, logits = demo_explainer.cams([load_tensor(d, CFG) for d in images])
-    assert cams.shape == (3, 8, 8) and logits.shape == (24,)
+    cams, peaks, logits = demo_explainer.cams([load_tensor(d, CFG) for d in images])
+    assert cams.shape == (3, 8, 8) and peaks.shape == (3,) and logits.shape == (24,)
     bodies = explain_images(demo_explainer, images, [float(p) for p in torch.sigmoid(
         logits.double().reshape(8, 3)).mean(0)], ArchiveMetadata(demo=True), [False, True, False])
-    for body in bodies:
+    for body, peak in zip(bodies, peaks, strict=True):
         e = body["explanation"]
         heat = np.array(e["heatmap"])
         assert e["shape"] == [192, 256] and e["image_size"] == [240, 320] and heat.shape == (192, 256)
-        assert np.isfinite(heat).all() and heat.min() >= 0 and heat.max() <= 1
-        assert heat.max() == 0 if e["no_positive_evidence"] else heat.max() > 0.9
+        assert np.isfinite(heat).all() and heat.min() >= 0 and heat.max() <= body["probability"] + 1e-4
+        # one scale: the grid's brightest cell is the probability; bilinear samples within 1/48 of a cell of it
+        # keep >= (1 - 1/48)^2 > 0.95 of it
+        p = body["probability"]
+        assert heat.max() == 0 if e["no_positive_evidence"] else 0.95 * p <= heat.max() <= p + 1e-4
+        assert e["scale"] == "probability" and e["peak"] == pytest.approx(float(peak), rel=1e-5)
         assert e["layer"] == "layer3" and e["grid"] == [8, 8] and e["views_averaged"] == 8
     assert sum(not b["explanation"]["no_positive_evidence"] for b in bodies) >= 1  # not vacuous
     png = Image.open(io.BytesIO(base64.b64decode(bodies[1]["explanation"]["overlay_png"])))
@@ -72,11 +76,11 @@ def test_heatmaps_finite_in_range_and_shaped(demo_explainer: Explainer) -> None:
 
 def test_flipped_image_gives_mirrored_heatmap(demo_explainer: Explainer) -> None:
     rgb = lesion_rgb(240, 320, seed=1)
-    a, _ = demo_explainer.cams([load_tensor(encode(rgb, "PNG"), CFG)])
-    b, _ = demo_explainer.cams([load_tensor(encode(rgb[:, ::-1].copy(), "PNG"), CFG)])
+    a, _, _ = demo_explainer.cams([load_tensor(encode(rgb, "PNG"), CFG)])
+    b, _, _ = demo_explainer.cams([load_tensor(encode(rgb[:, ::-1].copy(), "PNG"), CFG)])
     assert float(a.max()) == 1.0  # a map with a peak, or the comparison would be vacuous
     assert float((a[0] - b[0].flip(-1)).abs().max()) <= 1e-5
-    c, _ = demo_explainer.cams([load_tensor(encode(rgb[::-1].copy(), "PNG"), CFG)])  # and vertically
+    c, _, _ = demo_explainer.cams([load_tensor(encode(rgb[::-1].copy(), "PNG"), CFG)])  # and vertically
     assert float((a[0] - c[0].flip(-2)).abs().max()) <= 1e-5
 
 
@@ -90,7 +94,7 @@ def test_heatmap_peak_falls_inside_the_blob() -> None:
     for i in range(8):
         cy, cx = random_center(rng, size, radius)
         data = encode(blob_image(size, (cy, cx), radius, seed=500 + i), "PNG")
-        cams, _ = ex.cams([load_tensor(data, CFG)])
+        cams, _, _ = ex.cams([load_tensor(data, CFG)])
         heat = upsample(cams[0], (size, size))
         py, px = np.unravel_index(np.argmax(heat), heat.shape)
         assert np.hypot(py - cy, px - cx) <= radius, f"placement {i}: peak ({py},{px}) vs blob ({cy:.0f},{cx:.0f})"
@@ -111,7 +115,7 @@ def test_trained_fixture_heatmap_peaks_on_the_lesion(trained_checkpoint: Path) -
     rng = np.random.default_rng(2024)
     for i in range(8):
         img, mask = lesion_and_mask(1, rng)
-        cams, logits = ex.cams([load_tensor(encode(img, "PNG"), CFG)])
+        cams, _, logits = ex.cams([load_tensor(encode(img, "PNG"), CFG)])
         assert float(torch.sigmoid(logits.double()).mean()) > 0.5, f"image {i} is scored as its class"
         heat = upsample(cams[0], mask.shape)
         py, px = np.unravel_index(np.argmax(heat), heat.shape)
@@ -155,3 +159,37 @@ class _Context:
 ])
 def test_overlay_request(row: dict, headers: dict[str, str], expected: bool) -> None:
     assert wants_overlay(row, request_headers(_Context(headers), 0)) is expected
+
+
+@pytest.mark.slow
+def test_one_scale_low_probability_shows_a_cold_map(trained_checkpoint: Path) -> None:
+    """Maps share one scale (relative map x probability): a benign-scored image's brightest cell is its low
+    probability, a malignant-scored one's its high probability, and the overlay colours follow."""
+    from exporter.checkpoint import load_checkpoint
+    from train.synthetic import lesion_and_mask
+
+    ex = _explainer(load_checkpoint(trained_checkpoint))
+    rng = np.random.default_rng(7)
+    labels = [0, 0, 0, 1, 1, 1]
+    images = [encode(lesion_and_mask(label, rng)[0], "PNG") for label in labels]
+    _, peaks, logits = ex.cams([load_tensor(d, CFG) for d in images])
+    probs = [float(p) for p in torch.sigmoid(logits.double().reshape(8, len(images))).mean(0)]
+    bodies = explain_images(ex, images, probs, ArchiveMetadata(), [False] * len(images))
+    for label, body, p, peak in zip(labels, bodies, probs, peaks, strict=True):
+        assert (p > 0.5) == bool(label), (label, p)  # each image is scored as its class
+        top = np.array(body["explanation"]["heatmap"]).max()
+        if float(peak) > 0:
+            assert 0.95 * p <= top <= p + 1e-4, (top, p)  # the brightest cell is the probability
+        else:  # no region raised the malignancy logit: an empty map, said so
+            assert top == 0 and body["explanation"]["no_positive_evidence"]
+        assert top <= p + 1e-4  # a benign score never shows a hot cell (per-image scaling showed every map at 1.0)
+    assert any(float(peak) > 0 for peak in peaks[3:])  # not vacuous: a malignant-scored map with evidence
+
+
+def test_colours_come_from_opencv_turbo() -> None:
+    from handler.explain import colorize
+
+    rgb = colorize(np.array([[0.0, 0.5, 1.0]]))
+    assert rgb.shape == (1, 3, 3) and rgb.dtype == np.uint8
+    cold, hot = rgb[0, 0].astype(int), rgb[0, 2].astype(int)
+    assert cold[2] > cold[0] and hot[0] > hot[2]  # blue at 0, red at 1
