@@ -101,7 +101,7 @@ def main() -> None:
         return
     explain = st.toggle("Show heatmap (Grad-CAM)", value=True,
                         help="Asks /explanations: slower (about twice a prediction), same probability")
-    files = st.file_uploader("Lesion photos (JPEG, PNG, WebP, BMP, GIF, TIFF; camera photos included)",
+    files = st.file_uploader("Lesion photos (JPEG, PNG, WebP, BMP, GIF, TIFF, HEIC; camera photos included)",
                              accept_multiple_files=True)
     for f in files or []:
         show_result(f.name, f.getvalue(), explain)

@@ -22,14 +22,21 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageOps, UnidentifiedImageError  # noqa: E402
+from pillow_heif import register_heif_opener  # noqa: E402
+
+# HEIC/HEIF (what phones save) through libheif. pillow-heif applies the container's rotation and mirror and
+# resets the EXIF orientation to 1, so exif_transpose below never turns a HEIC photo twice.
+register_heif_opener()
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TTA_CHOICES = (1, 2, 4, 8)
 INTERPOLATIONS = {"nearest": cv2.INTER_NEAREST, "linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC,
                   "area": cv2.INTER_AREA, "lanczos4": cv2.INTER_LANCZOS4}
-# Formats Pillow decodes without external delegates. MPO is what many phone cameras write as JPEG.
-ALLOWED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF"})
+# Formats Pillow decodes without external delegates, and HEIF (pillow-heif). MPO is what many phone cameras
+# write as JPEG.
+ALLOWED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF", "HEIF"})
+FORMAT_NAMES = "JPEG, PNG, WebP, BMP, GIF, TIFF or HEIC"
 class InputError(ValueError):
     """A request that cannot be scored; `status` is the HTTP code the caller should answer with."""
 
@@ -95,20 +102,18 @@ class PipelineConfig:
 def decode_image(data: bytes | bytearray | memoryview, cfg: PipelineConfig) -> np.ndarray:
     """Decode image bytes to an HxWx3 uint8 RGB array, EXIF orientation applied."""
     if not data:
-        raise InputError("empty request body: send the image bytes (JPEG, PNG, WebP, BMP, GIF, TIFF)")
+        raise InputError(f"empty request body: send the image bytes ({FORMAT_NAMES})")
     try:
         im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise InputError(
-            "not an image: the body is not JPEG, PNG, WebP, BMP, GIF or TIFF data", 415
-        ) from None
+        raise InputError(f"not an image: the body is not {FORMAT_NAMES} data", 415) from None
     except Image.DecompressionBombError as e:
         limit = f"the limit is {cfg.max_image_pixels / 1e6:.0f} megapixels"
         raise InputError(f"image too large ({e}); {limit}", 413) from None
     except Exception as e:  # Pillow raises many types on malformed headers
         raise InputError(f"unreadable image header: {e}") from None
     if im.format not in ALLOWED_FORMATS:
-        raise InputError(f"unsupported image format {im.format}: send JPEG, PNG, WebP, BMP, GIF or TIFF", 415)
+        raise InputError(f"unsupported image format {im.format}: send {FORMAT_NAMES}", 415)
     width, height = im.size
     if width < 1 or height < 1:
         raise InputError(f"image has no pixels ({width}x{height})")

@@ -7,7 +7,7 @@ import csv
 from pathlib import Path
 from typing import NamedTuple
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".mpo"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".mpo", ".heic", ".heif"}
 
 
 class LabelError(Exception):

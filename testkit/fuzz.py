@@ -37,6 +37,7 @@ def seeds() -> dict[str, bytes]:
         "tiff-deflate": encode(rgb, "TIFF", compression="tiff_adobe_deflate"),
         "gif": encode(im.convert("P"), "GIF"),
         "bmp": encode(rgb, "BMP"),
+        "heic": encode(rgb, "HEIF"),
         "png-huge-declared": png_header_only(60000, 60000),
     }
 

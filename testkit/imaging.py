@@ -33,8 +33,20 @@ def encode(img: Image.Image | np.ndarray, fmt: str = "JPEG", **kw: object) -> by
     buf = io.BytesIO()
     if fmt == "JPEG":
         kw.setdefault("quality", 92)
+    if fmt == "HEIF":  # what phones save; Pillow writes it through pillow-heif
+        from pillow_heif import register_heif_opener
+
+        register_heif_opener()
+        kw.setdefault("quality", 90)
     img.save(buf, format=fmt, **kw)
     return buf.getvalue()
+
+
+def heic_with_orientation(rgb: np.ndarray, orientation: int) -> bytes:
+    """A HEIC whose stored pixels are `rgb` and whose EXIF asks viewers to rotate it."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(rgb, "HEIF", exif=exif.tobytes())
 
 
 def jpeg_with_orientation(rgb: np.ndarray, orientation: int) -> bytes:
@@ -69,4 +81,6 @@ def variants(seed: int = 0) -> dict[str, bytes]:
         "bmp": encode(rgb, "BMP"),
         "tiff": encode(rgb, "TIFF"),
         "gif": encode(Image.fromarray(rgb).convert("P"), "GIF"),
+        "heic": encode(rgb, "HEIF"),
+        "exif6_heic": heic_with_orientation(rgb, 6),
     }

@@ -27,7 +27,7 @@ def offline(demo_archive: Path) -> LoadedArchive:
     return load_archive(demo_archive)
 
 
-PARITY = ["jpeg", "png", "rgba_png", "gray_png", "exif6_jpeg", "webp", "gif"]
+PARITY = ["jpeg", "png", "rgba_png", "gray_png", "exif6_jpeg", "webp", "gif", "heic", "exif6_heic"]
 
 
 @pytest.mark.parametrize("kind", PARITY)

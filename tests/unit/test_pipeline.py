@@ -12,7 +12,7 @@ from PIL import Image
 
 from handler.archive import ArchiveError, ArchiveMetadata, check_runtime, result
 from handler.pipeline import InputError, PipelineConfig, Scorer, decode_image, preprocess, tta_views, view_probabilities
-from testkit.imaging import encode, jpeg_with_orientation, lesion_rgb, png_header_only, variants
+from testkit.imaging import encode, heic_with_orientation, jpeg_with_orientation, lesion_rgb, png_header_only, variants
 
 CFG = PipelineConfig()
 FULL = PipelineConfig(reduced_decode=False)
@@ -50,6 +50,22 @@ def test_exif_orientation_is_applied(orientation: int, undo) -> None:
     expected = undo(upright)
     assert rotated.shape == expected.shape
     assert np.abs(rotated.astype(int) - expected.astype(int)).mean() < 1.0
+
+
+@pytest.mark.parametrize("orientation,undo", [(3, lambda a: np.rot90(a, 2)), (6, lambda a: np.rot90(a, -1)),
+                                              (8, lambda a: np.rot90(a, 1))])
+def test_heic_decodes_like_the_photo_and_turns_like_jpeg(orientation: int, undo) -> None:
+    """Phones save HEIC: decoded to the same pixels as the PNG (within HEVC's loss at quality 90), and its
+    EXIF orientation applied once, like a JPEG's."""
+    rgb = lesion_rgb(seed=3)
+    upright = decode_image(encode(rgb, "HEIF"), FULL)
+    assert upright.shape == rgb.shape and np.abs(upright.astype(int) - rgb.astype(int)).mean() < 3.0
+    rotated = decode_image(heic_with_orientation(rgb, orientation), FULL)
+    expected = undo(decode_image(jpeg_with_orientation(rgb, 1), FULL))
+    assert rotated.shape == expected.shape
+    assert np.abs(rotated.astype(int) - expected.astype(int)).mean() < 3.0
+    wrong = np.rot90(expected, 2)  # the comparison can tell orientations apart
+    assert wrong.shape != rotated.shape or np.abs(rotated.astype(int) - wrong.astype(int)).mean() > 10
 
 
 @pytest.mark.parametrize("name", list(variants()))
