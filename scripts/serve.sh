@@ -23,7 +23,7 @@ ts=.venv/bin/torchserve
 rm -f key_file.json                      # a fresh key file, never a stale key
 mkdir -p logs
 # The daemon keeps whatever streams it is given: hand it a file, not this terminal or a pipe.
-"$ts" --start --ts-config config.properties --ncs >logs/torchserve.out 2>&1 </dev/null \
+"$ts" --start --ts-config config.properties --log-config log4j2.xml --ncs >logs/torchserve.out 2>&1 </dev/null \
   || { echo "serve: error: torchserve did not start; see logs/torchserve.out" >&2; exit 1; }
 
 url=$(sed -nE 's/^inference_address=(.*)$/\1/p' config.properties)

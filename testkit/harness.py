@@ -100,8 +100,10 @@ def server_properties(store: Path, workdir: Path, overrides: dict[str, str] | No
 
 
 def start_server(store: Path, workdir: Path, overrides: dict[str, str] | None = None,
-                 timeout: float = 240, props: dict[str, str] | None = None) -> Server:
-    """Start TorchServe in `workdir`; `props` (e.g. a stopped server's) reuses its ports."""
+                 timeout: float = 240, props: dict[str, str] | None = None,
+                 log_config: Path | None = None) -> Server:
+    """Start TorchServe in `workdir` with the repository's log4j2.xml (or `log_config`); `props` (e.g. a stopped
+    server's) reuses its ports."""
     workdir.mkdir(parents=True, exist_ok=True)
     props = props or server_properties(store, workdir, overrides)
     cfg = workdir / "config.properties"
@@ -110,7 +112,8 @@ def start_server(store: Path, workdir: Path, overrides: dict[str, str] | None = 
     env = {**os.environ, "TMPDIR": str(workdir), "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
     log = open(workdir / "torchserve.out", "ab")
     proc = subprocess.Popen([str(VENV_BIN / "torchserve"), "--start", "--foreground", "--ncs",
-                             "--ts-config", str(cfg)], cwd=workdir, env=env, stdout=log,
+                             "--ts-config", str(cfg), "--log-config", str(log_config or ROOT / "log4j2.xml")],
+                            cwd=workdir, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     server = Server(props["inference_address"], props["management_address"],
                     props["metrics_address"], workdir, proc, props)

@@ -3,4 +3,5 @@
 # passes nothing. Both start TorchServe in the foreground with the image's config.
 set -e
 [ "${1:-}" = "serve" ] && shift
-exec torchserve --start --foreground --ncs --ts-config "${TS_CONFIG:-/srv/melanoma/config.properties}" "$@"
+exec torchserve --start --foreground --ncs --ts-config "${TS_CONFIG:-/srv/melanoma/config.properties}" \
+  --log-config /srv/melanoma/log4j2.xml "$@"

@@ -109,7 +109,8 @@ def start_instance(cluster: Cluster, inst: Instance) -> None:
     cfg = write_instance_config(cluster, inst)
     # taskset pins the JVM and its worker to one core; the worker then uses 1 torch thread
     # (handler/archive.usable_cpus reads the affinity and the cgroup quota), so instances do not fight over cores.
-    cmd = ["taskset", "-c", str(inst.cpu), torchserve_binary(), "--start", "--ncs", "--ts-config", str(cfg)]
+    cmd = ["taskset", "-c", str(inst.cpu), torchserve_binary(), "--start", "--ncs", "--ts-config", str(cfg),
+           "--log-config", str(ROOT / "log4j2.xml")]
     log = open(Path(inst.workdir) / "torchserve.out", "ab")
     subprocess.run(cmd, cwd=inst.workdir, env=instance_env(inst), stdout=log, stderr=subprocess.STDOUT, check=True)
 
