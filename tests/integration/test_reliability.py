@@ -31,6 +31,7 @@ from client.tsclient import Client
 from handler.archive import LoadedArchive, load_archive
 from testkit.harness import ROOT, Server, read_log, run_build, start_server, stop_server, worker_pids
 from testkit.imaging import encode, jpeg_with_orientation, lesion_rgb, png_header_only
+from testkit.report import replace_block
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPORT = ROOT / os.environ.get("MELANOMA_RELIABILITY_REPORT", "bench/results/reliability.md")
@@ -58,8 +59,7 @@ def report() -> Iterator[None]:
         lines += ["## Figures", "", "| figure | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in FIGURES.items()]
         lines.append("")
-    REPORT.parent.mkdir(parents=True, exist_ok=True)
-    REPORT.write_text("\n".join(lines))
+    replace_block(REPORT, "tests", "\n".join(lines))
 
 
 @pytest.fixture(scope="module")
