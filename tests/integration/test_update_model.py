@@ -95,19 +95,19 @@ def test_update_and_rollback_under_load(updatable: Server, demo_archive: Path, t
     assert set(expected) == {old, new} and abs(expected[old] - expected[new]) > 100 * SAME_MODEL, expected
     keys = updatable.keys()
 
+    def step(arg: str, serving: str) -> tuple[float, float]:
+        """Run update_model.sh under the load; (start, end) times; afterwards only `serving` is registered."""
+        time.sleep(2)  # answers from the version before, under load
+        start = time.monotonic()
+        proc = update(updatable, arg)
+        assert proc.returncode == 0, proc.stderr
+        end = time.monotonic()
+        assert registered(updatable) == [serving]
+        return start, end
+
     with Load(updatable, body) as load:
-        time.sleep(2)
-        t_update = time.monotonic()
-        up = update(updatable, "melanoma-trained.mar")
-        t_updated = time.monotonic()
-        assert up.returncode == 0, up.stderr
-        assert registered(updatable) == [new]
-        time.sleep(2)
-        t_rollback = time.monotonic()
-        back = update(updatable, "--rollback")
-        t_back = time.monotonic()
-        assert back.returncode == 0, back.stderr
-        assert registered(updatable) == [old]
+        t_update, t_updated = step("melanoma-trained.mar", new)
+        t_rollback, t_back = step("--rollback", old)
         time.sleep(2)
 
     assert not load.errors, load.errors[:3]
