@@ -55,6 +55,7 @@ class Load:
 
     def __init__(self, server: Server, body: bytes) -> None:
         self.server, self.body, self.stop = server, body, threading.Event()
+        self.arrived = threading.Condition()
         self.answers: list[tuple[float, int, dict]] = []
         self.errors: list[str] = []
         self.threads = [threading.Thread(target=self.run) for _ in range(CLIENTS)]
@@ -72,7 +73,15 @@ class Load:
                     body = r.json()
                 except ValueError:
                     body = {"text": r.text}
-                self.answers.append((time.monotonic(), r.status_code, body))
+                with self.arrived:
+                    self.answers.append((time.monotonic(), r.status_code, body))
+                    self.arrived.notify_all()
+
+    def wait_answers(self, since: float, n: int = CLIENTS, timeout: float = 300) -> None:
+        """Until `n` answers have arrived after `since` (an event, not a sleep: a slow machine just takes longer)."""
+        with self.arrived:
+            assert self.arrived.wait_for(lambda: sum(t > since for t, _, _ in self.answers) >= n, timeout), \
+                f"fewer than {n} answers within {timeout} s"
 
     def __enter__(self) -> Load:
         for t in self.threads:
@@ -95,9 +104,10 @@ def test_update_and_rollback_under_load(updatable: Server, demo_archive: Path, t
     assert set(expected) == {old, new} and abs(expected[old] - expected[new]) > 100 * SAME_MODEL, expected
     keys = updatable.keys()
 
-    def step(arg: str, serving: str) -> tuple[float, float]:
-        """Run update_model.sh under the load; (start, end) times; afterwards only `serving` is registered."""
-        time.sleep(2)  # answers from the version before, under load
+    def step(arg: str, serving: str, since: float) -> tuple[float, float]:
+        """Run update_model.sh under the load, once answers have arrived after `since` (from the version before);
+        (start, end) times; afterwards only `serving` is registered."""
+        load.wait_answers(since)
         start = time.monotonic()
         proc = update(updatable, arg)
         assert proc.returncode == 0, proc.stderr
@@ -106,9 +116,9 @@ def test_update_and_rollback_under_load(updatable: Server, demo_archive: Path, t
         return start, end
 
     with Load(updatable, body) as load:
-        t_update, t_updated = step("melanoma-trained.mar", new)
-        t_rollback, t_back = step("--rollback", old)
-        time.sleep(2)
+        t_update, t_updated = step("melanoma-trained.mar", new, time.monotonic())
+        t_rollback, t_back = step("--rollback", old, t_updated + 0.5)
+        load.wait_answers(t_back + 0.5)
 
     assert not load.errors, load.errors[:3]
     statuses = [status for _, status, _ in load.answers]
