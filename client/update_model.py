@@ -29,7 +29,7 @@ from typing import Any, NoReturn
 
 import requests
 
-from client.tsclient import ROOT, _key_refused, find_key_file, read_key, read_properties, rotate_key
+from client.tsclient import ROOT, _key_refused, find_key_file, read_key, read_properties, rotate_key, server_message
 
 ARCHIVE_NAME = re.compile(r"[A-Za-z0-9_.-]+\.mar")  # the same shape config.properties' allowed_urls admits
 STATE_FILE = ".update_model.json"
@@ -102,11 +102,7 @@ class Management:
     def checked(self, method: str, path: str, what: str, timeout: float = 30, **params: Any) -> Any:
         r = self.call(method, path, timeout=timeout, **params)
         if r.status_code != 200:
-            try:
-                message = r.json().get("message", r.text)
-            except ValueError:
-                message = r.text
-            raise UpdateError(f"{what}: HTTP {r.status_code}: {str(message).strip()[:300]}")
+            raise UpdateError(f"{what}: {server_message(r)}")
         return r.json()
 
     def versions(self) -> list[dict[str, Any]]:
@@ -168,9 +164,9 @@ def write_state(path: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path)  # never half-written
 
 
-def switch(mgmt: Management, store: Path, archive: Path, state_path: Path, timeout: float,
+def switch(mgmt: Management, archive: Path, state_path: Path, timeout: float,
            say: Any = print) -> Version:
-    """Serve `archive` (a plain file in `store`) instead of the current default. Returns the old version."""
+    """Serve `archive` (a plain file in the model store) instead of the current default. Returns the old version."""
     name, version = archive_identity(archive)
     if name != mgmt.model:
         raise UsageError(f"{archive.name} was built as model {name!r}, not {mgmt.model!r} "
@@ -247,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             target = store_archive(state["previous"]["url"], store)
         else:
             target = store_archive(args.archive, store)
-        switch(mgmt, store, target, state_path, args.timeout)
+        switch(mgmt, target, state_path, args.timeout)
     except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
