@@ -20,7 +20,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +29,9 @@ from typing import Any
 import cv2
 import numpy as np
 
+from testkit.harness import serve_archive
 from testkit.imaging import encode, lesion_rgb
+from testkit.load import RssSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -167,7 +168,6 @@ def precisions(archives: dict[str, Path], threads: int, repeats: int) -> dict[st
 def build_bf16_demo(work: Path) -> Path:
     """A demo bf16 archive, measured on 40 generated photos (bench only; real use: your own images)."""
     from testkit.harness import run_build
-    from testkit.imaging import encode, lesion_rgb
 
     cal = work / "calibration"
     cal.mkdir(parents=True, exist_ok=True)
@@ -182,55 +182,6 @@ def build_bf16_demo(work: Path) -> Path:
 # ---------------------------------------------------------------------------------------------
 # Served: real TorchServe with our config.properties, one worker
 # ---------------------------------------------------------------------------------------------
-
-
-class PeakRSS:
-    """Samples JVM + worker RSS every 50 ms while active."""
-
-    def __init__(self, pid: int) -> None:
-        import psutil
-
-        self.root = psutil.Process(pid)
-        self.peak = 0.0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-
-    def current(self) -> float:
-        import psutil
-
-        total = 0
-        try:
-            for p in [self.root, *self.root.children(recursive=True)]:
-                cmd = " ".join(p.cmdline())
-                if "org.pytorch.serve.ModelServer" in cmd or "model_service_worker" in cmd:
-                    total += p.memory_info().rss
-        except psutil.Error:
-            pass
-        return total / 2**20
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            self.peak = max(self.peak, self.current())
-            time.sleep(0.05)
-
-    def __enter__(self) -> PeakRSS:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join()
-
-
-def start_archive_server(archive: Path, prefix: str = "bench-ts.") -> Any:
-    """Real TorchServe (repo config, free loopback ports) serving `archive` from a fresh temp folder."""
-    from testkit.harness import start_server
-
-    work = Path(tempfile.mkdtemp(prefix=prefix))
-    store = work / "model_store"
-    store.mkdir()
-    (store / "melanoma.mar").symlink_to(archive.resolve())
-    return start_server(store, work / "run")
 
 
 def poster(session: Any, srv: Any) -> Callable[[bytes], float]:
@@ -268,7 +219,7 @@ def served(archive: Path, repeats: int, load_requests: int) -> dict[str, Any]:
 
     imgs = images()
     t0 = time.perf_counter()
-    srv = start_archive_server(archive)
+    srv = serve_archive(archive)
     try:
         session = requests.Session()
         url = f"{srv.url}/predictions/melanoma"
@@ -286,7 +237,7 @@ def served(archive: Path, repeats: int, load_requests: int) -> dict[str, Any]:
         out["latency_1_client"] = {k: stats(v) for k, v in lat.items()}
         out["torchserve_metrics_ms"] = torchserve_split(srv.workdir / "logs")
         out["throughput_4_clients"] = {}
-        with PeakRSS(srv.proc.pid) as rss:
+        with RssSampler(srv.proc.pid, interval=0.05) as rss:
             sessions = [requests.Session() for _ in range(4)]
             for k, data in imgs.items():
 
@@ -313,7 +264,7 @@ def served(archive: Path, repeats: int, load_requests: int) -> dict[str, Any]:
                 elat[k].append(time.perf_counter() - t)
         out["explain_first_s"] = first
         out["explain_latency_1_client"] = {k: stats(v) for k, v in elat.items()}
-        out["rss_after_explanations_mib"] = rss.current()
+        out["rss_after_explanations_mib"] = sum(rss.current())
         return out
     finally:
         stop_server(srv)
@@ -330,7 +281,7 @@ def served_precisions(archives: dict[str, Path], repeats: int) -> dict[str, Any]
     servers = {}
     try:
         for name, path in archives.items():
-            servers[name] = start_archive_server(path, f"bench-ts-{name}.")
+            servers[name] = serve_archive(path, f"bench-ts-{name}.")
         session = requests.Session()
         posts = {name: poster(session, srv) for name, srv in servers.items()}
         for post in posts.values():

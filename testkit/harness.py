@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import subprocess
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,6 +123,16 @@ def start_server(store: Path, workdir: Path, overrides: dict[str, str] | None = 
     stop_server(server)
     raise RuntimeError(f"torchserve not ready within {timeout} s (exit {proc.returncode}): "
                        f"{(workdir / 'torchserve.out').read_text()[-3000:]}")
+
+
+def serve_archive(archive: Path, prefix: str = "bench-ts.", overrides: dict[str, str] | None = None) -> Server:
+    """Real TorchServe (repo config, free loopback ports) serving `archive` as melanoma.mar from a fresh temp
+    folder."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    store = work / "model_store"
+    store.mkdir()
+    (store / "melanoma.mar").symlink_to(archive.resolve())
+    return start_server(store, work / "run", overrides)
 
 
 def worker_pids(server: Server) -> list[int]:
