@@ -57,6 +57,7 @@ class Cluster:
     listen: str
     store: str
     instances: list[Instance]
+    per_instance: int = 4  # requests in flight per instance before nginx sheds with 503 (see nginx.conf.template)
 
     @property
     def work(self) -> Path:
@@ -71,7 +72,8 @@ class Cluster:
             d = json.loads((workdir / "cluster.json").read_text())
         except OSError:
             raise ClusterError(f"no cluster in {workdir} (run: cluster.py start)") from None
-        return cls(d["workdir"], d["listen"], d["store"], [Instance(**i) for i in d["instances"]])
+        return cls(d["workdir"], d["listen"], d["store"], [Instance(**i) for i in d["instances"]],
+                   d.get("per_instance", 4))
 
 
 def nginx_binary() -> str:
@@ -144,9 +146,14 @@ def render(cluster: Cluster) -> None:
         f"            proxy_read_timeout 65s;\n"
         f"        }}\n"
         f"    }}" for i in cluster.instances)
+    # Started by root, nginx runs its workers as nobody, who cannot enter this private (0700) folder, where
+    # request bodies over 1 MB are buffered: every phone photo got 500. Run them as the starting user, as a
+    # non-root start does anyway.
+    user = "user root;\n" if os.geteuid() == 0 else ""
     text = (HERE / "nginx.conf.template").read_text()
+    inflight = str(cluster.per_instance * len(cluster.instances))
     for name, value in {"work": str(work), "listen": cluster.listen, "upstream_servers": upstream,
-                        "hops": hops}.items():
+                        "hops": hops, "user": user, "max_inflight": inflight}.items():
         text = text.replace("${" + name + "}", value)  # nginx's own $variables stay as they are
     (work / "nginx.conf").write_text(text)
     write_keys(cluster)
@@ -238,14 +245,14 @@ def stop(cluster: Cluster) -> None:
         time.sleep(0.1)
 
 
-def plan(workdir: Path, store: Path, n: int, listen: str, first_port: int) -> Cluster:
+def plan(workdir: Path, store: Path, n: int, listen: str, first_port: int, per_instance: int = 4) -> Cluster:
     cpus = sorted(os.sched_getaffinity(0))
     instances = []
     for i in range(n):
         base = first_port + 10 * i
         instances.append(Instance(i, cpus[i % len(cpus)], base, base + 1, base + 2, base + 3, base + 4, base + 5,
                                   str(workdir / f"ts{i}")))
-    return Cluster(str(workdir), listen, str(store), instances)
+    return Cluster(str(workdir), listen, str(store), instances, per_instance)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -256,7 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--listen", default="127.0.0.1:8000", help="nginx's address (default 127.0.0.1:8000)")
     ap.add_argument("--store", default=str(ROOT / "model_store"), help="folder holding melanoma.mar")
     ap.add_argument("--first-port", type=int, default=8100, help="instance i uses first-port + 10*i .. +5")
+    ap.add_argument("--per-instance", type=int, default=4,
+                    help="requests in flight per instance before nginx answers 503 + Retry-After (default 4)")
     args = ap.parse_args(argv)
+    if args.per_instance < 1:
+        ap.error("--per-instance must be at least 1")
     work = Path(args.workdir).resolve()
     try:
         if args.command == "start":
@@ -264,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ClusterError(f"{args.store}/melanoma.mar not found: build it with ./build_mar.sh")
             work.mkdir(parents=True, exist_ok=True)
             os.chmod(work, 0o700)
-            cluster = plan(work, Path(args.store).resolve(), args.instances, args.listen, args.first_port)
+            cluster = plan(work, Path(args.store).resolve(), args.instances, args.listen, args.first_port,
+                           args.per_instance)
             start(cluster)
             print(f"serving on http://{args.listen}: {args.instances} instance(s); key: cluster.py key")
         elif args.command == "key":

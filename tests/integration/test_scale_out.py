@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 import requests
 
@@ -174,9 +176,13 @@ def test_refresh_rotates_expiring_keys_and_reloads(cluster: object, monkeypatch:
     alive = [i for i in cluster.instances if (Path(i.workdir) / "logs").exists() and _serving(i)]
     old = {i.index: cl.instance_key(i)[0] for i in alive}
     monkeypatch.setattr(cl, "RENEW_BEFORE", cl.dt.timedelta(days=2))  # every key "expires soon"
+    old_workers = nginx_workers(cluster)
     assert cl.refresh(cluster) is True
     h = {"Authorization": f"Bearer {cl.gateway_key(cluster.work)}"}
-    time.sleep(1)  # nginx reload
+    deadline = time.monotonic() + 30
+    while nginx_workers(cluster) & old_workers:  # the reload is done when the old workers are gone
+        assert time.monotonic() < deadline, "nginx did not reload within 30 s"
+        time.sleep(0.05)
     r = requests.post(f"{gateway(cluster)}/predictions/melanoma", data=encode(lesion_rgb(seed=81)), headers=h,
                       timeout=60)
     assert r.status_code == 200, r.text
@@ -190,3 +196,67 @@ def _serving(inst: object) -> bool:
         return True
     except requests.RequestException:
         return False
+
+
+def nginx_workers(c: object) -> set[int]:
+    import psutil
+
+    master = int((c.work / "nginx.pid").read_text().strip())
+    return {p.pid for p in psutil.Process(master).children()}
+
+
+def reload_nginx(c: object) -> None:
+    """Render the config again, reload, and wait until every old nginx worker is gone (new connections then meet
+    the new configuration)."""
+    old = nginx_workers(c)
+    cl.render(c)
+    cl.nginx(c, "-s", "reload")
+    deadline = time.monotonic() + 30
+    while nginx_workers(c) & old or not nginx_workers(c):
+        assert time.monotonic() < deadline, "nginx did not reload within 30 s"
+        time.sleep(0.05)
+
+
+def test_gateway_sheds_with_503_and_retry_after(cluster: object) -> None:
+    """More requests at once than --per-instance allows: the excess gets nginx's 503 at once, with Retry-After
+    and a JSON message, never a 5xx from TorchServe; the client's retries then score every one. The photo is
+    over client_body_buffer_size (1 MiB), so nginx buffers it to disk (started by root, its workers once could
+    not, and every phone photo got 500)."""
+    rgb = cv2.resize(lesion_rgb(300, 400, seed=82), (2000, 1500), interpolation=cv2.INTER_CUBIC)
+    grain = np.random.default_rng(82).normal(0, 6, rgb.shape)
+    photo = encode(np.clip(rgb + grain, 0, 255).astype(np.uint8), quality=95)
+    assert len(photo) > 2**20
+    key = cl.gateway_key(cluster.work)
+    url = f"{gateway(cluster)}/predictions/melanoma"
+    h = {"Authorization": f"Bearer {key}", "Content-Type": "application/octet-stream"}
+    first = requests.post(url, data=photo, headers=h, timeout=60)
+    assert first.status_code == 200, first.text
+    reference = first.json()["probability"]
+
+    cluster.per_instance = 1
+    reload_nginx(cluster)
+    try:
+        n = 8
+        start = threading.Barrier(n)
+
+        def burst(_: int) -> requests.Response:
+            start.wait()
+            return requests.post(url, data=photo, headers=h, timeout=60)
+
+        with ThreadPoolExecutor(n) as pool:
+            answers = list(pool.map(burst, range(n)))
+        statuses = sorted(r.status_code for r in answers)
+        assert set(statuses) <= {200, 503} and 503 in statuses and 200 in statuses, statuses
+        for r in answers:
+            if r.status_code == 503:
+                assert r.headers.get("Retry-After") == "2" and r.json()["error"].startswith("busy"), r.text
+            else:  # the same single-threaded instance code on the same bytes: the same float
+                assert abs(r.json()["probability"] - reference) <= 1e-6
+
+        client = Client(gateway(cluster), token=key, timeout=60)  # the CLI's retries and backoff
+        with ThreadPoolExecutor(n) as pool:
+            scored = list(pool.map(lambda _: client.predict_bytes(photo)["probability"], range(n)))
+        assert all(abs(p - reference) <= 1e-6 for p in scored), scored
+    finally:
+        cluster.per_instance = 4
+        reload_nginx(cluster)
