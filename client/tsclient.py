@@ -146,7 +146,8 @@ def add_server_args(ap: argparse.ArgumentParser) -> None:
                     help="allow sending the key over plain http:// to a non-loopback host")
     ap.add_argument("--workers", type=int, default=4, help="images in flight at once (default 4)")
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
-    ap.add_argument("--retries", type=int, default=4, help="retries on 503 and connection errors (default 4)")
+    ap.add_argument("--retries", type=int, default=6,
+                    help="retries on 503 and connection errors, backing off 0.5, 1, 2 ... 16 s (default 6: ~30 s)")
 
 
 def client_from_args(args: argparse.Namespace) -> Client:
@@ -195,7 +196,7 @@ class Client:
     model: str = "melanoma"
     token: str | None = None
     timeout: float = 60.0
-    retries: int = 4
+    retries: int = 6  # backoff 0.5 s doubling: ~30 s of refusals (an overload burst) before giving up
     backoff: float = 0.5
     key_file: Path | None = None  # re-read when the key is refused; holds the API key on the server machine
     management_url: str | None = None  # where to rotate an expired inference key (loopback only)
@@ -234,10 +235,13 @@ class Client:
         last: ClientError | None = None
         renewed = False
         attempt = 0
+        wait = 0.0  # the server's Retry-After, when it sent one
         while attempt <= self.retries:
             if attempt:
-                # Exponential backoff with jitter, so retrying clients do not arrive in lock-step.
-                time.sleep(self.backoff * 2 ** (attempt - 1) * (0.5 + random.random()))
+                # Exponential backoff with jitter, so retrying clients do not arrive in lock-step; never
+                # sooner than the server asked (the nginx gateway's 503 says Retry-After: 2).
+                delay = self.backoff * 2 ** (attempt - 1) * (0.5 + random.random())
+                time.sleep(max(delay, wait * (1 + 0.5 * random.random())))
             attempt += 1
             token = self.token
             headers = {"Content-Type": "application/octet-stream"}
@@ -275,6 +279,7 @@ class Client:
             last = ClientError(server_message(r), r.status_code)
             if r.status_code not in RETRY_STATUS:
                 break
+            wait = retry_after(r)
         assert last is not None
         raise last
 
@@ -343,6 +348,14 @@ def _reason(e: Exception) -> str:
         if marker in text:
             return marker
     return text[:160]
+
+
+def retry_after(r: requests.Response, cap: float = 30.0) -> float:
+    """Seconds from a Retry-After header given in seconds (0 without one; capped, so a server cannot park us)."""
+    try:
+        return min(max(float(r.headers.get("Retry-After", 0)), 0.0), cap)
+    except ValueError:  # an HTTP date: not sent by nginx's or TorchServe's answers here
+        return 0.0
 
 
 def server_message(r: requests.Response) -> str:
