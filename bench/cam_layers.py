@@ -7,6 +7,7 @@ mass lies inside it. Run: .venv/bin/python bench/cam_layers.py   (about a minute
 
 from __future__ import annotations
 
+import argparse
 import io
 import time
 
@@ -20,6 +21,7 @@ from testkit.blobs import blob_checkpoint, blob_image, random_center
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     cfg, size, radius, trials = PipelineConfig(), 256, 28, 30
     ckpt = blob_checkpoint()
     rng = np.random.default_rng(123)

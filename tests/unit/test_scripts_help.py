@@ -3,7 +3,9 @@ stopped, no file written or deleted)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,4 +41,14 @@ def test_unknown_options_are_refused(script: str, tmp_path: Path) -> None:
                           timeout=120)
     assert proc.returncode != 0 and "--bogus" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert list(tmp_path.iterdir()) == [] and repo_state() == before
+
+
+@pytest.mark.parametrize("script", sorted(p.relative_to(ROOT).as_posix() for p in ROOT.glob("bench/*.py")))
+def test_bench_help_does_not_act(script: str, tmp_path: Path) -> None:
+    """The bench scripts start servers and write reports: --help must do neither."""
+    before = repo_state()
+    proc = subprocess.run([sys.executable, str(ROOT / script), "--help"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr
     assert list(tmp_path.iterdir()) == [] and repo_state() == before
