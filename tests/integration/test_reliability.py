@@ -13,7 +13,6 @@ import ipaddress
 import json
 import os
 import signal
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -31,6 +30,7 @@ from client.tsclient import Client
 from handler.archive import LoadedArchive, load_archive
 from testkit.harness import ROOT, Server, read_log, run_build, start_server, stop_server, worker_pids
 from testkit.imaging import encode, jpeg_with_orientation, lesion_rgb, png_header_only
+from testkit.load import soak
 from testkit.report import replace_block
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -222,59 +222,24 @@ def test_healthy_after_bad_inputs(live: Server) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def rss_mib(pid: int) -> float:
-    return psutil.Process(pid).memory_info().rss / 2**20
-
-
 def test_soak(live: Server) -> None:
-    images = [encode(lesion_rgb(seed=60 + s)) for s in range(4)]
-    single = [live.predict(d).json()["probability"] for d in images]
+    """bench/soak.py's hour, shortened: the same mixed traffic (photos, 24 MP photos, explanations, bad inputs)
+    and the same checks."""
     duration, clients = 60.0, 8
-    (worker,) = worker_pids(live)
-    results: list[tuple[int, int, float | None]] = []
-    lock = threading.Lock()
-    rss_warm: list[float] = []
-
-    def client(c: int) -> None:
-        s = requests.Session()
-        h = {**live.headers(), "Content-Type": "application/octet-stream"}
-        end = time.monotonic() + duration
-        i = c
-        while time.monotonic() < end:
-            k = i % len(images)
-            try:
-                r = s.post(f"{live.url}/predictions/melanoma", data=images[k], headers=h, timeout=120)
-                p = r.json().get("probability") if r.status_code == 200 else None
-                status = r.status_code
-            except requests.RequestException:
-                status, p = 0, None
-            with lock:
-                results.append((k, status, p))
-            i += 1
-
-    def warm_sample() -> None:
-        time.sleep(10)
-        rss_warm.append(rss_mib(worker))
-
-    t = threading.Thread(target=warm_sample)
-    t.start()
-    with ThreadPoolExecutor(clients) as pool:
-        list(pool.map(client, range(clients)))
-    t.join()
-    rss_end = rss_mib(worker)
-    failed = sum(1 for _, st, _ in results if st != 200)
-    worst = max(abs(p - single[k]) for k, st, p in results if st == 200)
-    growth = rss_end / rss_warm[0] - 1
-    FIGURES["soak: clients x duration"] = f"{clients} x {duration:.0f} s"
-    FIGURES["soak: responses, failed"] = f"{len(results)}, {failed}"
-    FIGURES["soak: throughput"] = f"{len(results) / duration:.2f} img/s"
-    FIGURES["soak: max abs(p - single-request p)"] = f"{worst:.2e}"
-    FIGURES["soak: worker RSS after warm-up -> end"] = f"{rss_warm[0]:.0f} -> {rss_end:.0f} MiB ({100 * growth:+.1f} %)"
-    ok = failed == 0 and worst <= 1e-6 and growth <= 0.10 and worker_pids(live) == [worker]
-    record("Load", f"{clients} clients for {duration:.0f} s", "no failed or lost response; each equals the "
-           "single-request score; worker RSS grows <= 10 %",
-           f"{len(results)} responses, {failed} failed, max |dp| {worst:.1e}, RSS {100 * growth:+.1f} %", ok)
-    assert ok
+    res = soak(live, duration, clients, sample_every=5.0, warmup=10.0)
+    g = res["growth"]
+    FIGURES["soak: clients x duration"] = f"{clients} x {duration:.0f} s (bench/soak.py's traffic)"
+    FIGURES["soak: responses (kind:status)"] = ", ".join(f"{k} x {v}" for k, v in res["counts"].items())
+    FIGURES["soak: answers differing from the input's own"] = str(res["wrong_count"])
+    FIGURES["soak: throughput"] = f"{res['throughput']:.2f} requests/s"
+    FIGURES["soak: JVM + worker RSS after warm-up -> end"] = (
+        f"{g['base_mib']:.0f} -> {g['end_mib']:.0f} MiB ({100 * g['end_growth']:+.1f} %)")
+    ok = res["wrong_count"] == 0 and g["end_growth"] <= 0.10 and res["workers_seen"] == 1
+    record("Load", f"{clients} clients for {duration:.0f} s, mixed traffic",
+           "every answer equals the input's own (status; p within 1e-6); worker never restarted; JVM + worker RSS "
+           "grows <= 10 % after 10 s", f"{res['requests']} responses, {res['wrong_count']} differing "
+           f"{res['wrong'][:2]}, {res['workers_seen']} worker(s), RSS {100 * g['end_growth']:+.1f} %", ok)
+    assert ok, res["wrong"]
 
 
 # ---------------------------------------------------------------------------------------------
