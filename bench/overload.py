@@ -189,7 +189,7 @@ def table(res: dict[str, Any]) -> str:
                   f"{'-' if rc['max_dp'] is None else format(rc['max_dp'], '.1e')} |", ""]
         errors = sorted({e for r in t["overload"] for e in r["errors"]} | set(rc["failures"]))
         if errors:
-            lines += ["Errors seen: " + "; ".join(e.replace("|", "/").replace("\n", " ")[:160] for e in errors[:4]), ""]
+            lines += ["Errors seen: " + "; ".join(" ".join(e.replace("|", "/").split())[:160] for e in errors[:4]), ""]
     return "\n".join(lines)
 
 
