@@ -261,15 +261,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def gateway_run(args: argparse.Namespace, mix: list[Any], photo: bytes, reference: float) -> dict[str, Any]:
     """deploy/nginx/cluster.py with one instance, started as a user would (its own temp folder and ports)."""
-    import importlib.util
     import tempfile
 
-    from testkit.harness import free_ports
+    from testkit.harness import cluster_module, free_ports
 
-    spec = importlib.util.spec_from_file_location("cluster", ROOT / "deploy" / "nginx" / "cluster.py")
-    cl = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    sys.modules["cluster"] = cl
-    spec.loader.exec_module(cl)  # type: ignore[union-attr]
+    cl = cluster_module()
     work = Path(tempfile.mkdtemp(prefix="overload-gw."))
     store = work / "model_store"
     store.mkdir()

@@ -135,6 +135,19 @@ def serve_archive(archive: Path, prefix: str = "bench-ts.", overrides: dict[str,
     return start_server(store, work / "run", overrides)
 
 
+def cluster_module():  # noqa: ANN201 (a module loaded from a file)
+    """deploy/nginx/cluster.py as a module (it is a script, not a package member), loaded once."""
+    import importlib.util
+    import sys
+
+    if "cluster" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("cluster", ROOT / "deploy" / "nginx" / "cluster.py")
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        sys.modules["cluster"] = module  # dataclasses look their module up while the class is created
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return sys.modules["cluster"]
+
+
 def worker_pids(server: Server) -> list[int]:
     import psutil
 

@@ -26,12 +26,17 @@ from testkit.imaging import encode, lesion_rgb
 MIB = 2**20
 
 
-def photo_24mp(seed: int = 0, quality: int = 92) -> bytes:
-    """A 6000x4000 JPEG the size of a phone's (~9 MB): a lesion upscaled, plus sensor-like grain, which
-    makes the file as large as a real photo's (a smooth upscale compresses to ~1 MB and flatters memory)."""
-    rgb = cv2.resize(lesion_rgb(400, 600, seed=seed), (6000, 4000), interpolation=cv2.INTER_CUBIC)
+def phone_photo(width: int, height: int, seed: int = 0, quality: int = 92) -> bytes:
+    """A JPEG as large as a camera's: a lesion upscaled plus sensor-like grain (a smooth upscale compresses
+    to a fraction of a real photo's size and flatters memory figures)."""
+    rgb = cv2.resize(lesion_rgb(400, 600, seed=seed), (width, height), interpolation=cv2.INTER_CUBIC)
     grain = np.random.default_rng(seed).normal(0, 6, rgb.shape)
     return encode(np.clip(rgb + grain, 0, 255).astype(np.uint8), "JPEG", quality=quality)
+
+
+def photo_24mp(seed: int = 0, quality: int = 92) -> bytes:
+    """6000x4000, ~6.4 MB: a phone's photo."""
+    return phone_photo(6000, 4000, seed, quality)
 
 
 def percentile(xs: list[float], q: float) -> float:

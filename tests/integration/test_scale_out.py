@@ -3,38 +3,27 @@ request lost when one instance dies mid-load (nginx retries on the other, the cl
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pytest
 import requests
 
 from client.tsclient import Client
 from handler.archive import load_archive
-from testkit.harness import ROOT, free_ports, missing_system_tool, read_log, run_build
+from testkit.harness import cluster_module, free_ports, missing_system_tool, read_log, run_build
 from testkit.imaging import encode, lesion_rgb
+from testkit.load import phone_photo
 
 pytestmark = pytest.mark.integration
 
 
-def _cluster_module():  # noqa: ANN202
-    spec = importlib.util.spec_from_file_location("cluster", ROOT / "deploy" / "nginx" / "cluster.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["cluster"] = module  # dataclasses look their module up while the class is created
-    spec.loader.exec_module(module)
-    return module
-
-
-cl = _cluster_module()
+cl = cluster_module()
 
 
 def require_nginx() -> None:
@@ -179,10 +168,7 @@ def test_refresh_rotates_expiring_keys_and_reloads(cluster: object, monkeypatch:
     old_workers = nginx_workers(cluster)
     assert cl.refresh(cluster) is True
     h = {"Authorization": f"Bearer {cl.gateway_key(cluster.work)}"}
-    deadline = time.monotonic() + 30
-    while nginx_workers(cluster) & old_workers:  # the reload is done when the old workers are gone
-        assert time.monotonic() < deadline, "nginx did not reload within 30 s"
-        time.sleep(0.05)
+    wait_reloaded(cluster, old_workers)
     r = requests.post(f"{gateway(cluster)}/predictions/melanoma", data=encode(lesion_rgb(seed=81)), headers=h,
                       timeout=60)
     assert r.status_code == 200, r.text
@@ -211,6 +197,11 @@ def reload_nginx(c: object) -> None:
     old = nginx_workers(c)
     cl.render(c)
     cl.nginx(c, "-s", "reload")
+    wait_reloaded(c, old)
+
+
+def wait_reloaded(c: object, old: set[int]) -> None:
+    """A reload is done when none of the old nginx workers is left and new ones serve."""
     deadline = time.monotonic() + 30
     while nginx_workers(c) & old or not nginx_workers(c):
         assert time.monotonic() < deadline, "nginx did not reload within 30 s"
@@ -222,9 +213,7 @@ def test_gateway_sheds_with_503_and_retry_after(cluster: object) -> None:
     and a JSON message, never a 5xx from TorchServe; the client's retries then score every one. The photo is
     over client_body_buffer_size (1 MiB), so nginx buffers it to disk (started by root, its workers once could
     not, and every phone photo got 500)."""
-    rgb = cv2.resize(lesion_rgb(300, 400, seed=82), (2000, 1500), interpolation=cv2.INTER_CUBIC)
-    grain = np.random.default_rng(82).normal(0, 6, rgb.shape)
-    photo = encode(np.clip(rgb + grain, 0, 255).astype(np.uint8), quality=95)
+    photo = phone_photo(2000, 1500, seed=82, quality=95)
     assert len(photo) > 2**20
     key = cl.gateway_key(cluster.work)
     url = f"{gateway(cluster)}/predictions/melanoma"
