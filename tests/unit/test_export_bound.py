@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,19 @@ def test_bound_is_relative_to_the_logit_and_the_network_scale() -> None:
         verify(eager, lambda x: eager(x) + 0.5, 128, 0.001)
     with pytest.raises(ExportError, match=r"returns \(3, 2\)"):
         verify(eager, lambda x: eager(x).repeat(1, 2), 128)
+
+
+@pytest.mark.parametrize("which", ["demo", "trained"])
+def test_load_model_optimises_in_place(which: str, trained_checkpoint: Path) -> None:
+    """The served fp32 model: oneDNN-optimised like torch.jit.optimize_for_inference, bit for bit, without
+    its second freeze (a clone that keeps the original graph and a copy of the weights alive)."""
+    ckpt = demo_checkpoint() if which == "demo" else load_checkpoint(trained_checkpoint)
+    data = export_torchscript(ckpt, 128)
+    ours = load_model(data)
+    assert "to_mkldnn" in str(ours.graph), "the optimize-for-inference pass did not run"
+    with pytest.warns(DeprecationWarning):
+        theirs = torch.jit.optimize_for_inference(torch.jit.load(io.BytesIO(data)).eval())
+    assert [n.kind() for n in ours.graph.nodes()] == [n.kind() for n in theirs.graph.nodes()]
+    x = verification_images(128)
+    with torch.inference_mode():
+        assert torch.equal(ours(x), theirs(x))
