@@ -135,3 +135,17 @@ def test_dockerfile_checklist() -> None:
         if m and "--from=" not in ln and "$" not in m.group(1):
             assert (ROOT / m.group(1)).exists(), m.group(1)
     assert (ROOT / "deploy" / "docker" / "empty").is_dir()  # the demo build's empty checkpoint context
+
+
+@pytest.mark.parametrize("path", ["config.properties", "deploy/docker/config.properties",
+                                  "deploy/sagemaker/config.properties", "deploy/kserve/config/config.properties",
+                                  "deploy/kserve/container.properties"])
+def test_direct_memory_holds_the_largest_body(path: str) -> None:
+    """Each body is copied whole into one direct buffer on its way to the worker; when that allocation fails
+    the frontend says nothing, the request hangs until responseTimeout and the worker is restarted (seen with
+    a 20 MB photo under -XX:MaxDirectMemorySize=16m). Two of the largest bodies must fit at once."""
+    p = props(ROOT / path)
+    sizes = {"k": 2**10, "m": 2**20, "g": 2**30}
+    direct = re.search(r"-XX:MaxDirectMemorySize=(\d+)([kmg])", p["vmargs"], re.I)
+    assert direct, "vmargs must bound direct memory"
+    assert int(direct[1]) * sizes[direct[2].lower()] >= 2 * int(p["max_request_size"])
