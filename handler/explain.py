@@ -75,11 +75,7 @@ def load_explainer(archive: LoadedArchive) -> Explainer:
     if not info or not archive.has_member(info["file"]):
         raise InputError("this archive was built without explanations (build_mar.sh --no-explain); "
                          "rebuild it without that flag", 501)
-    # From the file where TorchServe unpacked it: its bytes read first would be a second copy of the weights
-    # (~115 MB) at the moment the worker also loads the model (the served worker's peak).
-    path = archive.source / info["file"]
-    f = str(path) if path.is_file() else io.BytesIO(archive.read_member(info["file"]))
-    parts = torch.jit.load(f, map_location="cpu").eval()
+    parts = torch.jit.load(archive.open_member(info["file"]), map_location="cpu").eval()
     for p in parts.parameters():
         p.requires_grad_(False)
     return Explainer(parts, archive.cfg, str(info["layer"]))
