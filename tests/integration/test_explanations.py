@@ -18,6 +18,7 @@ from PIL import Image
 from handler.archive import LoadedArchive, load_archive
 from testkit.harness import ROOT, Server
 from testkit.imaging import encode, lesion_rgb
+from testkit.tolerance import SAME_ARCHIVE_DP
 
 pytestmark = pytest.mark.integration
 
@@ -77,7 +78,7 @@ def test_mixed_batch_of_predictions_and_explanations(server: Server, offline: Lo
     for i, r in enumerate(answers):
         assert r.status_code == 200, r.text
         assert ("explanation" in r.json()) == (i % 2 == 1)
-        assert abs(r.json()["probability"] - expected[i]) <= 1e-4
+        assert abs(r.json()["probability"] - expected[i]) <= SAME_ARCHIVE_DP
 
 
 def test_client_explain_writes_heatmap_png(server: Server, demo_archive: Path, tmp_path: Path) -> None:
@@ -95,5 +96,5 @@ def test_client_explain_writes_heatmap_png(server: Server, demo_archive: Path, t
     out.unlink()
     offline = subprocess.run([*cmd, "--offline", str(demo_archive)], capture_output=True, text=True, timeout=180)
     assert offline.returncode == 0, offline.stderr
-    assert json.loads(offline.stdout)["probability"] == pytest.approx(row["probability"], abs=1e-4)
+    assert json.loads(offline.stdout)["probability"] == pytest.approx(row["probability"], abs=SAME_ARCHIVE_DP)
     assert np.abs(np.asarray(Image.open(out), dtype=int) - served_png).max() <= 2  # same overlay, offline

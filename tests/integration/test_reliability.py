@@ -32,6 +32,7 @@ from testkit.harness import ROOT, Server, read_log, run_build, start_server, sto
 from testkit.imaging import encode, jpeg_with_orientation, lesion_rgb, png_header_only
 from testkit.load import soak
 from testkit.report import replace_block
+from testkit.tolerance import SAME_ARCHIVE_DP
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPORT = ROOT / os.environ.get("MELANOMA_RELIABILITY_REPORT", "bench/results/reliability.md")
@@ -142,7 +143,7 @@ def test_input(name: str, live: Server, offline: LoadedArchive) -> None:
     ok = r.status_code == status
     if status == 200:
         got, want = r.json().get("probability"), offline.score(body)["probability"]
-        ok = ok and abs(got - want) <= 1e-4
+        ok = ok and abs(got - want) <= SAME_ARCHIVE_DP
         observed = f"200, p={got:.4f} (in-process {want:.4f})"
     else:
         msg = r.json().get("error", "")
@@ -195,7 +196,8 @@ def test_fuzzed_inputs_against_the_server(live: Server, offline: LoadedArchive) 
         except InputError as e:
             want = f"input_error:{e.status}"
         if want == "tensor":
-            ok = r.status_code == 200 and abs(r.json()["probability"] - offline.score(data)["probability"]) <= 1e-4
+            expected = offline.score(data)["probability"]
+            ok = r.status_code == 200 and abs(r.json()["probability"] - expected) <= SAME_ARCHIVE_DP
         else:
             ok = r.status_code == int(want.split(":")[1]) and "error" in r.json()
         if not ok:
@@ -404,7 +406,7 @@ def test_json_base64_large_image(live: Server, offline: LoadedArchive) -> None:
     data = encode(np.asarray(Image.fromarray(RGB).resize((3000, 2250))), "JPEG", quality=90)
     r = requests.post(f"{live.url}/predictions/melanoma", json={"image": base64.b64encode(data).decode()},
                       headers=live.headers(), timeout=60)
-    ok = r.status_code == 200 and abs(r.json()["probability"] - offline.score(data)["probability"]) <= 1e-4
+    ok = r.status_code == 200 and abs(r.json()["probability"] - offline.score(data)["probability"]) <= SAME_ARCHIVE_DP
     record("Inputs", f"JSON base64 of a {len(data) / 1e6:.1f} MB photo", "200 with the in-process score",
            f"{r.status_code}", ok)
     assert ok

@@ -18,6 +18,7 @@ import requests
 from handler.archive import LoadedArchive, load_archive
 from testkit.harness import ROOT, Server
 from testkit.imaging import encode, lesion_rgb, variants
+from testkit.tolerance import SAME_ARCHIVE_DP
 
 pytestmark = pytest.mark.integration
 
@@ -35,7 +36,7 @@ def test_served_probability_equals_in_process_pipeline(kind: str, server_of: Ser
     data = variants(seed=3)[kind]
     r = server_of.predict(data)
     assert r.status_code == 200, r.text
-    assert abs(r.json()["probability"] - offline_of.score(data)["probability"]) <= 1e-4
+    assert abs(r.json()["probability"] - offline_of.score(data)["probability"]) <= SAME_ARCHIVE_DP
 
 
 def test_response_schema(server: Server, offline: LoadedArchive) -> None:
@@ -67,7 +68,7 @@ def test_every_way_of_sending_an_image(server: Server, offline: LoadedArchive) -
     }
     for how, r in answers.items():
         assert r.status_code == 200, f"{how}: {r.text}"
-        assert abs(r.json()["probability"] - expected) <= 1e-4, how
+        assert abs(r.json()["probability"] - expected) <= SAME_ARCHIVE_DP, how
 
 
 @pytest.mark.parametrize(
@@ -125,7 +126,7 @@ def test_batch_with_one_corrupt_request(server_of: Server, offline_of: LoadedArc
         answers = list(pool.map(server_of.predict, bodies))
     assert [r.status_code for r in answers] == [200, 400, 200, 200]
     for img, r in zip(images, [answers[0], answers[2], answers[3]], strict=True):
-        assert abs(r.json()["probability"] - offline_of.score(img)["probability"]) <= 1e-4
+        assert abs(r.json()["probability"] - offline_of.score(img)["probability"]) <= SAME_ARCHIVE_DP
     assert "error" in answers[1].json()
     assert server_of.log().count("batch of 4") > before, "the four requests were not batched together"
 
@@ -152,7 +153,7 @@ def test_text_field_named_data_beside_ordinary_requests(server: Server, offline:
     assert answers[0].json()["code"] == 415 and "not an image" in answers[0].json()["error"]
     assert answers[2].json()["code"] == 400
     for img, r in zip(images[1:], [answers[1], answers[3]], strict=True):
-        assert abs(r.json()["probability"] - offline.score(img)["probability"]) <= 1e-4
+        assert abs(r.json()["probability"] - offline.score(img)["probability"]) <= SAME_ARCHIVE_DP
     assert server.log().count("batch of 4") > before, "the four requests were not batched together"
 
 
@@ -250,19 +251,20 @@ def test_client_predict_script(server: Server, offline: LoadedArchive, demo_arch
     assert "HTTP 415" in rows["broken.png"]["error"]
     for s in range(3):
         expected = offline.score((folder / f"lesion{s}.jpg").read_bytes())["probability"]
-        assert abs(rows[f"lesion{s}.jpg"]["probability"] - expected) <= 1e-4
+        assert abs(rows[f"lesion{s}.jpg"]["probability"] - expected) <= SAME_ARCHIVE_DP
     assert "DEMO MODEL" in proc.stderr and "1 of 4 image(s) failed" in proc.stderr
     # plain output: path, probability, label
     one = subprocess.run([*cmd[:2], str(folder / "lesion0.jpg"), "--url", server.url, "--key-file",
                           str(server.key_file)], capture_output=True, text=True, timeout=60)
     path, prob, label = one.stdout.split("\t")[:3]
-    assert one.returncode == 0 and float(prob) == pytest.approx(rows["lesion0.jpg"]["probability"], abs=1e-4)
+    assert one.returncode == 0 and float(prob) == pytest.approx(rows["lesion0.jpg"]["probability"], abs=SAME_ARCHIVE_DP)
     assert label.split()[0] in ("benign", "malignant")
     # offline mode: same pipeline, no server
     off = subprocess.run([*cmd[:2], str(folder / "lesion0.jpg"), "--offline", str(demo_archive), "--json"],
                          capture_output=True, text=True, timeout=120)
     assert off.returncode == 0
-    assert json.loads(off.stdout)["probability"] == pytest.approx(rows["lesion0.jpg"]["probability"], abs=1e-4)
+    expected = rows["lesion0.jpg"]["probability"]
+    assert json.loads(off.stdout)["probability"] == pytest.approx(expected, abs=SAME_ARCHIVE_DP)
     # a wrong key: non-zero exit, the server's message
     bad = subprocess.run([*cmd[:2], str(folder / "lesion0.jpg"), "--url", server.url, "--token", "nope"],
                          capture_output=True, text=True, timeout=60)
@@ -276,4 +278,4 @@ def test_concurrent_load_every_answer_correct(server_of: Server, offline_of: Loa
         answers = list(pool.map(server_of.predict, images * 4))
     got = np.array([r.json()["probability"] for r in answers]).reshape(4, 6)
     assert all(r.status_code == 200 for r in answers)
-    assert np.abs(got - np.array(expected)[None]).max() <= 1e-4
+    assert np.abs(got - np.array(expected)[None]).max() <= SAME_ARCHIVE_DP

@@ -23,6 +23,8 @@ from exporter.export import (
     verify,
 )
 from handler.archive import load_model
+from handler.pipeline import tta_views, view_probabilities
+from testkit.tolerance import MARGIN, SAME_ARCHIVE_DP
 from testkit.variants import scaled, seeded_variant
 
 pytestmark = pytest.mark.slow
@@ -140,3 +142,25 @@ def test_load_model_optimises_in_place(which: str, trained_checkpoint: Path) -> 
     x = verification_images(128)
     with torch.inference_mode():
         assert torch.equal(ours(x), theirs(x))
+
+
+@pytest.mark.parametrize("which", ["demo", "trained"])
+def test_same_archive_tolerance_is_a_margin_over_the_noise_floor(which: str, trained_checkpoint: Path) -> None:
+    """testkit.tolerance.SAME_ARCHIVE_DP, the bound every served-against-offline comparison uses, stays MARGIN
+    times above what a change of oneDNN's reduction order does to a TTA probability: the 8 views scored one at
+    a time, and on one thread, against one batch (how every path scores)."""
+    ckpt = demo_checkpoint() if which == "demo" else load_checkpoint(trained_checkpoint)
+    model = load_model(export_torchscript(ckpt, 128))
+    threads, floor = torch.get_num_threads(), 0.0
+    with torch.inference_mode():
+        for image in verification_images(128):
+            views = tta_views(image[None], 8).contiguous()
+            batch = view_probabilities(model(views).float(), 1, 8)
+            apart = view_probabilities(torch.cat([model(v[None]) for v in views]).float(), 1, 8)
+            torch.set_num_threads(1)
+            try:
+                one_thread = view_probabilities(model(views).float(), 1, 8)
+            finally:
+                torch.set_num_threads(threads)
+            floor = max(floor, float((apart - batch).abs()), float((one_thread - batch).abs()))
+    assert MARGIN * floor <= SAME_ARCHIVE_DP, f"noise floor {floor:.2e}: the bound no longer has its margin"
