@@ -29,7 +29,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from testkit.harness import serve_archive
+from testkit.harness import build_bf16_demo, serve_archive
 from testkit.imaging import encode, lesion_rgb
 from testkit.load import RssSampler
 
@@ -163,20 +163,6 @@ def precisions(archives: dict[str, Path], threads: int, repeats: int) -> dict[st
         out["archives"][n] = {"precision": arch.metadata.precision,
                               **{k: stats(v) for k, v in times[n].items()}}
     return out
-
-
-def build_bf16_demo(work: Path) -> Path:
-    """A demo bf16 archive, measured on 40 generated photos (bench only; real use: your own images)."""
-    from testkit.harness import run_build
-
-    cal = work / "calibration"
-    cal.mkdir(parents=True, exist_ok=True)
-    for i in range(40):
-        (cal / f"img{i:03d}.jpg").write_bytes(encode(lesion_rgb(seed=3000 + i)))
-    out = work / "bf16"
-    out.mkdir(exist_ok=True)
-    run_build("--precision", "bf16", "--calibration-dir", str(cal), "--no-explain", output_dir=out)
-    return out / "melanoma.mar"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -189,3 +189,17 @@ def _pgid(p: object) -> int | None:
         return os.getpgid(p.pid)  # type: ignore[attr-defined]
     except (ProcessLookupError, PermissionError):
         return None
+
+
+def build_bf16_demo(work: Path) -> Path:
+    """A demo bf16 archive, measured on 40 generated photos (bench only; real use: your own images)."""
+    from testkit.imaging import encode, lesion_rgb
+
+    cal = work / "calibration"
+    cal.mkdir(parents=True, exist_ok=True)
+    for i in range(40):
+        (cal / f"img{i:03d}.jpg").write_bytes(encode(lesion_rgb(seed=3000 + i)))
+    out = work / "bf16"
+    out.mkdir(exist_ok=True)
+    run_build("--precision", "bf16", "--calibration-dir", str(cal), "--no-explain", output_dir=out)
+    return out / "melanoma.mar"
