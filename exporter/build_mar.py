@@ -29,10 +29,19 @@ from exporter.export import (
     demo_checkpoint,
     export_bf16,
     export_explainer,
+    export_openvino,
     export_torchscript,
 )
 from exporter.precision import INT8_REFUSAL, PrecisionError, calibration_images, measure
-from handler.archive import BF16_MODEL_FILE, EXPLAIN_FILE, METADATA_FILE, MODEL_CONFIG_FILE, MODEL_FILE, ArchiveMetadata
+from handler.archive import (
+    BF16_MODEL_FILE,
+    EXPLAIN_FILE,
+    METADATA_FILE,
+    MODEL_CONFIG_FILE,
+    MODEL_FILE,
+    ONNX_MODEL_FILE,
+    ArchiveMetadata,
+)
 from handler.pipeline import TTA_CHOICES, PipelineConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,6 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32",
                     help="fp32 (default), or bf16: ~2x faster on CPUs with AVX512-BF16/AMX, measured on "
                     "--calibration-dir first; compiled for this CPU and torch (needs g++)")
+    ap.add_argument("--runtime", choices=("torchscript", "openvino"), default="torchscript",
+                    help="what runs the fp32 model: torchscript (default) or openvino (opt-in, faster on CPUs "
+                         "measured; needs scripts/setup.sh --openvino)")
     ap.add_argument("--calibration-dir", help="your images (ISIC-format folder) to measure a reduced precision on")
     ap.add_argument("--calibration-labels", help="their labels (ISIC 2020 or 2019 CSV): also report both AUCs")
     ap.add_argument("--max-delta", type=float, default=0.02,
@@ -152,6 +164,9 @@ def build(args: argparse.Namespace) -> Path:
 
     if args.precision == "int8":
         raise BuildError(INT8_REFUSAL)
+    if args.runtime == "openvino" and args.precision != "fp32":
+        raise BuildError("--runtime openvino serves fp32 only; a bf16 archive runs on AOTInductor "
+                         "(--precision bf16 without --runtime)")
     if args.precision != "fp32" and not args.calibration_dir:
         raise BuildError(f"--precision {args.precision} needs --calibration-dir: its scores must be measured "
                          "against fp32 on your own images before it is served")
@@ -160,9 +175,13 @@ def build(args: argparse.Namespace) -> Path:
         # Compile (about a minute) before anything else is exported, so that a machine without a
         # compiler fails in seconds.
         reduced, compiled = export_bf16(ckpt, cfg.image_size, args.compile_cache)
-    model_bytes = export_torchscript(ckpt, cfg.image_size)
     precision: dict[str, Any] = {"name": "fp32"}
     model_file = MODEL_FILE
+    if args.runtime == "openvino":
+        model_bytes, info = export_openvino(ckpt, cfg.image_size)
+        precision, model_file = {**precision, **info}, ONNX_MODEL_FILE
+    else:
+        model_bytes = export_torchscript(ckpt, cfg.image_size)
     if args.precision != "fp32":
         labels = Path(args.calibration_labels) if args.calibration_labels else None
         agreement = measure(model_bytes, reduced, args.precision, cfg, Path(args.calibration_dir), labels)

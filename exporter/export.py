@@ -229,6 +229,37 @@ def export_bf16(ckpt: LoadedCheckpoint, image_size: int,
     return data, info
 
 
+def export_openvino(ckpt: LoadedCheckpoint, image_size: int) -> tuple[bytes, dict[str, Any]]:
+    """The model as ONNX (opset 17, any batch size) for the opt-in OpenVINO runtime, verified exactly as
+    handler/archive.py will run it (OpenVINO, f32) against the eager model with the TorchScript bound (RTOL).
+
+    Why: on the CPUs measured, OpenVINO f32 runs this network's 8-view forward in 0.75-0.8x TorchScript's
+    time and Inductor did not close the gap (docs/PERFORMANCE.md, bench/runtimes.py). ONNX rather than
+    OpenVINO's IR: one file, read by OpenVINO at load, and by any other runtime a user may try.
+    Returns the file and what metadata records about it."""
+    import importlib.util
+    import warnings
+
+    if importlib.util.find_spec("openvino") is None:
+        from handler.archive import OPENVINO_SETUP
+
+        raise ExportError(f"--runtime openvino needs OpenVINO installed: {OPENVINO_SETUP}")
+    import openvino
+
+    eager = MalignancyLogit(ckpt.module, ckpt.outputs).eval()
+    example = torch.randn(8, 3, image_size, image_size)
+    with tempfile.TemporaryDirectory(prefix="melanoma-onnx.") as tmp, torch.inference_mode(), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript-based exporter: the one that
+        # needs no extra package and exports this traced network as it is served
+        path = os.path.join(tmp, "model.onnx")
+        torch.onnx.export(eager, (example,), path, input_names=["x"], output_names=["logits"], opset_version=17,
+                          dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+        data = Path(path).read_bytes()
+    verify(eager, load_model(data, "fp32", "openvino"), image_size, what="OpenVINO model")
+    return data, {"format": "openvino", "openvino": openvino.__version__.split("-")[0]}
+
+
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 EXPLAIN_LAYER = "layer3"  # 8x8 at 128 px; see docs/EXPLANATIONS.md for the evidence against layer4 (4x4)
 

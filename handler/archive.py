@@ -29,12 +29,16 @@ DEMO_WARNING = (
 # Names of the files inside the .mar (and the export folder) that this module reads.
 MODEL_FILE = "model.pt"
 BF16_MODEL_FILE = "model.pt2"  # AOTInductor package (exporter/export.py: export_bf16)
+ONNX_MODEL_FILE = "model.onnx"  # --runtime openvino (exporter/export.py: export_openvino)
 MODEL_CONFIG_FILE = "model-config.yaml"
 METADATA_FILE = "metadata.json"
 EXPLAIN_FILE = "explain.pt"  # Grad-CAM parts (handler/explain.py); absent in --no-explain archives
 
 METADATA_SCHEMA = 1  # bump when metadata.json's keys or their meaning change; readers refuse other schemas
 PRECISIONS = ("fp32", "bf16")
+# What runs the model, by precision: precision["format"] in metadata.json (absent for TorchScript fp32).
+RUNTIMES = {"fp32": ("torchscript", "openvino"), "bf16": ("aotinductor",)}
+OPENVINO_SETUP = "scripts/setup.sh --openvino (or pip install -r requirements-openvino.txt)"
 
 
 class ArchiveError(ValueError):
@@ -73,6 +77,10 @@ class ArchiveMetadata:
         if not isinstance(self.precision, dict) or self.precision.get("name") not in PRECISIONS:
             raise ArchiveError(f"{where}: precision must be an object whose name is one of {', '.join(PRECISIONS)}, "
                                f"got {self.precision!r}")
+        if "format" in self.precision and self.runtime not in RUNTIMES[self.precision["name"]]:
+            raise ArchiveError(f"{where}: a {self.precision['name']} model runs on "
+                               f"{' or '.join(RUNTIMES[self.precision['name']])}, not {self.runtime!r}: rebuild the "
+                               "archive with ./build_mar.sh")
         if self.explain is not None and not (isinstance(self.explain, dict)
                                              and {"file", "method", "layer"} <= set(self.explain)):
             raise ArchiveError(f"{where}: explain must be null or an object with file, method and layer")
@@ -103,10 +111,15 @@ class ArchiveMetadata:
     def precision_name(self) -> str:
         return str(self.precision["name"])
 
+    @property
+    def runtime(self) -> str:
+        """torchscript (the default archive), aotinductor (bf16) or openvino (--runtime openvino)."""
+        return str(self.precision.get("format", "torchscript"))
 
 
 
-def load_model(source: bytes | str | os.PathLike[str], precision: str = "fp32") -> Model:
+
+def load_model(source: bytes | str | os.PathLike[str], precision: str = "fp32", runtime: str = "torchscript") -> Model:
     """Load the archive's model and optimise it for this CPU.
 
     fp32: frozen TorchScript. The optimize-for-inference pass (oneDNN prepacked convolutions, conv-BN
@@ -116,6 +129,8 @@ def load_model(source: bytes | str | os.PathLike[str], precision: str = "fp32") 
     """
     if precision == "bf16":
         return _load_aoti(source)
+    if runtime == "openvino":
+        return OpenVinoModel(source, torch.get_num_threads())
     # From a path when there is one: reading the file into bytes first would hold a second copy
     # of the weights (~115 MB) in the worker for as long as the allocator keeps it.
     f = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else str(source)
@@ -152,6 +167,40 @@ def _load_aoti(source: bytes | str | os.PathLike[str]) -> Model:
     return load(str(source))
 
 
+class OpenVinoModel:
+    """The model's ONNX graph compiled by OpenVINO for this CPU (--runtime openvino): a Model like the
+    TorchScript one, taking and returning torch tensors, so the pipeline around it is unchanged.
+
+    f32 on purpose: OpenVINO's default on CPUs with AVX512-BF16 or AMX is to run "f32" models in bf16, a
+    silent precision change the build's verification would not have seen (INFERENCE_PRECISION_HINT=f32).
+    One stream and `threads` threads, as the TorchScript model runs; a worker serves one batch at a time."""
+
+    def __init__(self, source: bytes | str | os.PathLike[str], threads: int) -> None:
+        try:
+            import openvino as ov
+        except ImportError:
+            raise RuntimeError(f"this archive runs on OpenVINO, which is not installed: {OPENVINO_SETUP}") from None
+        import tempfile
+
+        core = ov.Core()
+        if isinstance(source, (bytes, bytearray)):
+            with tempfile.NamedTemporaryFile(suffix=".onnx") as f:
+                f.write(source)
+                f.flush()
+                net = core.read_model(f.name)
+        else:
+            net = core.read_model(str(source))
+        self._compiled = core.compile_model(net, "CPU", {
+            "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
+            "PERFORMANCE_HINT": "LATENCY"})
+        del net  # the compiled model holds its own (repacked) weights
+        self._request = self._compiled.create_infer_request()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._request.infer({0: x.detach().float().contiguous().numpy()})
+        return torch.from_numpy(out[0].copy())  # the request reuses its output buffer on the next call
+
+
 def release_memory() -> None:
     """Hand freed heap back to the OS (glibc keeps it otherwise): after loading and optimising the
     model this takes the worker from ~590 to ~420 MiB RSS, which decides whether a t2.micro fits."""
@@ -174,6 +223,7 @@ def result(probability: float, cfg: PipelineConfig, meta: ArchiveMetadata) -> di
             "weights_sha256": meta.weights_sha256,
             "demo": meta.demo,
             "precision": meta.precision_name,
+            "runtime": meta.runtime,
         },
     }
     if out["model"]["demo"]:
@@ -277,7 +327,7 @@ def load_archive(path: str | os.PathLike[str], threads: int | None = None,
     model_source: bytes | Path = p / model_file if p.is_dir() else read(model_file)
     threads = threads or int(section.get("threads") or 0) or usable_cpus()
     torch.set_num_threads(threads)
-    model = load_model(model_source, metadata.precision_name)
+    model = load_model(model_source, metadata.precision_name, metadata.runtime)
     return LoadedArchive(Scorer(model, cfg), cfg, metadata, threads, p)
 
 
@@ -312,6 +362,12 @@ def check_runtime(precision: Mapping[str, Any], cpuinfo: str | None = None) -> N
     """Refuse, with what to do, an archive whose compiled model this machine cannot run: an AOTInductor
     package is native code for one torch version and one CPU vector ISA, and running it elsewhere would
     crash the worker (illegal instruction) or fail deep inside torch. `precision`: the metadata's."""
+    if precision.get("format") == "openvino":
+        import importlib.util
+
+        if importlib.util.find_spec("openvino") is None:
+            raise RuntimeError(f"this archive runs on OpenVINO, which is not installed: {OPENVINO_SETUP}")
+        return
     if precision.get("name", "fp32") == "fp32":
         return
     if precision.get("format") != "aotinductor":

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Set up everything the project needs, idempotently: Python >= 3.10, Java 17+, and .venv/ with the
-# pinned requirements. Usage: scripts/setup.sh [--app | --dev]   (--app adds the web page's packages,
-# --dev those and the test and lint tools)
+# pinned requirements. Usage: scripts/setup.sh [--app | --dev | --openvino]   (--app adds the web page's
+# packages, --dev those, OpenVINO and the test and lint tools, --openvino the runtime that archives built
+# with ./build_mar.sh --runtime openvino need)
 set -euo pipefail
 # --help (or -h) prints this header and does nothing else.
 case "${1:-}" in -h|--help) sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
-case "${1:-}" in ""|--app|--dev) ;; *) echo "setup: error: unknown option $1 (usage: scripts/setup.sh [--app | --dev])" >&2; exit 2 ;; esac
-[[ $# -le 1 ]] || { echo "setup: error: one option at most (usage: scripts/setup.sh [--app | --dev])" >&2; exit 2; }
+usage="usage: scripts/setup.sh [--app | --dev | --openvino]"
+case "${1:-}" in ""|--app|--dev|--openvino) ;; *) echo "setup: error: unknown option $1 ($usage)" >&2; exit 2 ;; esac
+[[ $# -le 1 ]] || { echo "setup: error: one option at most ($usage)" >&2; exit 2; }
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 say() { echo "setup: $*" >&2; }
@@ -15,6 +17,7 @@ die() { echo "setup: error: $*" >&2; exit 1; }
 reqs=requirements.txt
 [[ "${1:-}" == "--app" ]] && reqs=requirements-app.txt
 [[ "${1:-}" == "--dev" ]] && reqs=requirements-dev.txt
+[[ "${1:-}" == "--openvino" ]] && reqs=requirements-openvino.txt
 
 # Java: TorchServe 0.12's frontend needs Java 17 or newer.
 if ! command -v java >/dev/null 2>&1; then
@@ -36,7 +39,7 @@ fi
 
 # Install only when the pinned requirements changed since the last successful install.
 stamp=.venv/.requirements-$(basename "$reqs" .txt).sha256
-want=$(cat requirements.txt requirements-app.txt "$reqs" | sha256sum | cut -d' ' -f1)
+want=$(cat requirements.txt requirements-app.txt requirements-openvino.txt "$reqs" | sha256sum | cut -d' ' -f1)
 # torch first, as the CPU build: the +cpu local version can only be met by a CPU wheel, so this can never
 # resolve to PyPI's CUDA build (several GB with its nvidia-* packages). The wheel comes from PyTorch's CPU
 # index when this machine reaches it, else from wherever pip is configured to find it (a local wheel); with

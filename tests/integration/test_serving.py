@@ -48,7 +48,7 @@ def test_response_schema(server: Server, offline: LoadedArchive) -> None:
     assert body["label"] == ("malignant" if body["probability"] >= 0.5 else "benign")
     assert body["threshold"] == 0.5 and body["tta_views"] == 8
     assert body["model"] == {"name": "melanoma", "version": "0.0-demo", "demo": True, "precision": "fp32",
-                             "weights_sha256": offline.metadata.weights_sha256}
+                             "runtime": "torchscript", "weights_sha256": offline.metadata.weights_sha256}
     assert "DEMO" in body["warning"] and "means nothing" in body["warning"]
 
 

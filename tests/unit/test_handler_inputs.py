@@ -85,3 +85,17 @@ def test_the_adapter_defines_exactly_one_class() -> None:
 
     defined = [c.__name__ for _, c in inspect.getmembers(adapter, inspect.isclass) if c.__module__ == adapter.__name__]
     assert defined == ["MelanomaHandler"]
+
+
+def test_workers_skip_openvinos_torch_compile_backend() -> None:
+    """TorchServe's base_handler imports openvino.torch whenever OpenVINO is installed (+130 MiB and ~3 s per
+    worker, for a torch.compile backend nothing here uses); the handler blocks that import before loading
+    base_handler. Checked in a fresh interpreter, as a worker imports it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, handler.melanoma_handler as h; "
+            "print(repr(sys.modules.get('openvino.torch', 'absent')), h.BaseHandler.__name__)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["None", "BaseHandler"], proc.stdout

@@ -191,7 +191,7 @@ def test_result_schema_and_demo_warning() -> None:
     info = {"name": "melanoma", "version": "0.0-demo", "weights_sha256": "ab", "demo": True}
     r = result(0.7, PipelineConfig(threshold=0.6), ArchiveMetadata(**info))
     assert r["label"] == "malignant" and r["threshold"] == 0.6 and r["tta_views"] == 8
-    assert r["model"] == {**info, "precision": "fp32"} and "DEMO" in r["warning"]
+    assert r["model"] == {**info, "precision": "fp32", "runtime": "torchscript"} and "DEMO" in r["warning"]
     r2 = result(0.59, PipelineConfig(threshold=0.6), ArchiveMetadata(**{**info, "demo": False}))
     assert r2["label"] == "benign" and "warning" not in r2
 
@@ -211,6 +211,8 @@ def test_archive_metadata_is_a_typed_versioned_record() -> None:
         ({**data, "outputs": True}, "outputs must be int"),
         ({**data, "precision": {"name": "int8"}}, "precision must be an object whose name is one of fp32, bf16"),
         ({**data, "explain": {"file": "explain.pt"}}, "explain must be null or an object"),
+        ({**data, "precision": {"name": "bf16", "format": "openvino"}}, "a bf16 model runs on aotinductor"),
+        ({**data, "precision": {"name": "fp32", "format": "aotinductor"}}, "runs on torchscript or openvino"),
         ({**data, "schema": 2}, "schema 2; this handler reads schema 1"),
         ([1, 2], "must hold an object"),
     ]
@@ -219,6 +221,20 @@ def test_archive_metadata_is_a_typed_versioned_record() -> None:
             ArchiveMetadata.from_mapping(bad)
         assert words in str(e.value) and "rebuild" in str(e.value) or "must be" in str(e.value), str(e.value)
         assert "\n" not in str(e.value)
+
+
+def test_runtime_is_read_from_the_precision_record() -> None:
+    """What runs the model is part of the record and of every response; an OpenVINO archive on a machine
+    without OpenVINO is refused at load with the command that installs it."""
+    ov = ArchiveMetadata(precision={"name": "fp32", "format": "openvino", "openvino": "2026.4.1"})
+    assert ov.runtime == "openvino" and ArchiveMetadata().runtime == "torchscript"
+    assert result(0.3, PipelineConfig(), ov)["model"]["runtime"] == "openvino"
+    import importlib.util
+    from unittest import mock
+
+    with mock.patch.object(importlib.util, "find_spec", return_value=None), \
+            pytest.raises(RuntimeError, match="OpenVINO, which is not installed: scripts/setup.sh --openvino"):
+        check_runtime(ov.precision)
 
 
 def test_interpolation_travels_in_the_pipeline_config() -> None:
