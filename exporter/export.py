@@ -240,10 +240,11 @@ def export_openvino(ckpt: LoadedCheckpoint, image_size: int) -> tuple[bytes, dic
     import importlib.util
     import warnings
 
-    if importlib.util.find_spec("openvino") is None:
+    missing = [m for m in ("openvino", "onnx") if importlib.util.find_spec(m) is None]
+    if missing:
         from handler.archive import OPENVINO_SETUP
 
-        raise ExportError(f"--runtime openvino needs OpenVINO installed: {OPENVINO_SETUP}")
+        raise ExportError(f"--runtime openvino needs {' and '.join(missing)} installed: {OPENVINO_SETUP}")
     import openvino
 
     eager = MalignancyLogit(ckpt.module, ckpt.outputs).eval()
