@@ -47,11 +47,13 @@ INSTALL = ".venv/bin/python -m pip install -r bench/requirements-runtimes.txt"
 
 def batch_for(archive: Path) -> np.ndarray:
     """The handler's own 8-view batch for one generated lesion photo (pipeline decode -> preprocess -> TTA)."""
-    from handler.archive import load_archive
+    import zipfile
+
+    from handler.archive import MODEL_CONFIG_FILE, read_model_config
     from handler.pipeline import load_tensor, tta_views
     from testkit.imaging import encode, lesion_rgb
 
-    cfg = load_archive(archive, threads=1).cfg
+    cfg, _ = read_model_config(zipfile.ZipFile(archive).read(MODEL_CONFIG_FILE).decode())
     x = load_tensor(encode(lesion_rgb(400, 600, seed=2), "JPEG", quality=90), cfg)
     return tta_views(x[None], cfg.tta_views).contiguous().numpy()
 

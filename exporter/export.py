@@ -237,14 +237,14 @@ def export_openvino(ckpt: LoadedCheckpoint, image_size: int) -> tuple[bytes, dic
     time and Inductor did not close the gap (docs/PERFORMANCE.md, bench/runtimes.py). ONNX rather than
     OpenVINO's IR: one file, read by OpenVINO at load, and by any other runtime a user may try.
     Returns the file and what metadata records about it."""
-    import importlib.util
     import warnings
 
-    missing = [m for m in ("openvino", "onnx") if importlib.util.find_spec(m) is None]
-    if missing:
-        from handler.archive import OPENVINO_SETUP
+    from handler.archive import require_openvino
 
-        raise ExportError(f"--runtime openvino needs {' and '.join(missing)} installed: {OPENVINO_SETUP}")
+    try:
+        require_openvino("onnx")  # onnx: torch's TorchScript-based exporter writes through it
+    except RuntimeError as e:
+        raise ExportError(f"--runtime openvino: {e}") from None
     import openvino
 
     eager = MalignancyLogit(ckpt.module, ckpt.outputs).eval()

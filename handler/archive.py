@@ -5,13 +5,14 @@ probability; this module is everything around it that an archive decides. No Tor
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import io
 import json
 import os
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,16 @@ PRECISIONS = ("fp32", "bf16")
 # What runs the model, by precision: precision["format"] in metadata.json (absent for TorchScript fp32).
 RUNTIMES = {"fp32": ("torchscript", "openvino"), "bf16": ("aotinductor",)}
 OPENVINO_SETUP = "scripts/setup.sh --openvino (or pip install -r requirements-openvino.txt)"
+
+
+def require_openvino(*also: str) -> None:
+    """RuntimeError naming what is missing and how to install it, unless OpenVINO (and `also`) import."""
+    import importlib.util
+
+    missing = [m for m in ("openvino", *also) if importlib.util.find_spec(m) is None]
+    if missing:
+        what = "OpenVINO, which is" if missing == ["openvino"] else f"{' and '.join(missing)}, which are"
+        raise RuntimeError(f"this needs {what} not installed: {OPENVINO_SETUP}")
 
 
 class ArchiveError(ValueError):
@@ -147,24 +158,29 @@ def load_model(source: bytes | str | os.PathLike[str], precision: str = "fp32", 
     return model
 
 
+@contextlib.contextmanager
+def _as_file(source: bytes | str | os.PathLike[str], suffix: str) -> Iterator[str]:
+    """A path to `source`: its own, or a temporary file holding its bytes (removed on exit)."""
+    if not isinstance(source, (bytes, bytearray)):
+        yield str(source)
+        return
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=suffix) as f:
+        f.write(source)
+        f.flush()
+        yield f.name
+
+
 def _load_aoti(source: bytes | str | os.PathLike[str]) -> Model:
     """An AOTInductor package, loaded the way torch._inductor.aoti_load_package does once past its device
     check: that check compiles test programs with g++ in the serving process (and only warns). check_runtime
     has already matched this CPU's flags to the package's, without a compiler."""
-    import tempfile
-
     from torch.export.pt2_archive._package import AOTICompiledModel
 
-    def load(path: str) -> Model:
-        # Extracts the package's shared library to a temporary folder, maps it, removes the folder when freed.
+    # Extracts the package's shared library to a temporary folder, maps it, removes the folder when freed.
+    with _as_file(source, ".pt2") as path:
         return AOTICompiledModel(torch._C._aoti.AOTIModelPackageLoader(path, "model", False, 1, -1))
-
-    if isinstance(source, (bytes, bytearray)):
-        with tempfile.NamedTemporaryFile(suffix=".pt2") as f:
-            f.write(source)
-            f.flush()
-            return load(f.name)
-    return load(str(source))
 
 
 class OpenVinoModel:
@@ -176,20 +192,12 @@ class OpenVinoModel:
     One stream and `threads` threads, as the TorchScript model runs; a worker serves one batch at a time."""
 
     def __init__(self, source: bytes | str | os.PathLike[str], threads: int) -> None:
-        try:
-            import openvino as ov
-        except ImportError:
-            raise RuntimeError(f"this archive runs on OpenVINO, which is not installed: {OPENVINO_SETUP}") from None
-        import tempfile
+        require_openvino()
+        import openvino as ov
 
         core = ov.Core()
-        if isinstance(source, (bytes, bytearray)):
-            with tempfile.NamedTemporaryFile(suffix=".onnx") as f:
-                f.write(source)
-                f.flush()
-                net = core.read_model(f.name)
-        else:
-            net = core.read_model(str(source))
+        with _as_file(source, ".onnx") as path:
+            net = core.read_model(path)
         self._compiled = core.compile_model(net, "CPU", {
             "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
             "PERFORMANCE_HINT": "LATENCY"})
@@ -363,10 +371,7 @@ def check_runtime(precision: Mapping[str, Any], cpuinfo: str | None = None) -> N
     package is native code for one torch version and one CPU vector ISA, and running it elsewhere would
     crash the worker (illegal instruction) or fail deep inside torch. `precision`: the metadata's."""
     if precision.get("format") == "openvino":
-        import importlib.util
-
-        if importlib.util.find_spec("openvino") is None:
-            raise RuntimeError(f"this archive runs on OpenVINO, which is not installed: {OPENVINO_SETUP}")
+        require_openvino()
         return
     if precision.get("name", "fp32") == "fp32":
         return
