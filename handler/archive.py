@@ -39,7 +39,9 @@ METADATA_SCHEMA = 1  # bump when metadata.json's keys or their meaning change; r
 PRECISIONS = ("fp32", "bf16")
 # What runs the model, by precision: precision["format"] in metadata.json (absent for TorchScript fp32).
 RUNTIMES = {"fp32": ("torchscript", "openvino"), "bf16": ("aotinductor",)}
-OPENVINO_SETUP = "scripts/setup.sh --openvino (or pip install -r requirements-openvino.txt)"
+# Only through set-up: a bare `pip install -r requirements-openvino.txt` outside its .venv would resolve the
+# torch pin to PyPI's CUDA build (set-up installs the +cpu wheel first).
+OPENVINO_SETUP = "scripts/setup.sh --openvino"
 
 
 def require_openvino(*also: str) -> None:
