@@ -76,8 +76,9 @@ def show_result(name: str, data: bytes, explain: bool) -> None:
         photo.image(image, caption="uploaded photo", use_container_width=True)
     explanation = res.get("explanation") or {}
     if explanation.get("overlay_png"):
-        caption = ("Grad-CAM: no region raised the malignancy score" if explanation.get("no_positive_evidence")
-                   else "Grad-CAM: where the model found evidence for 'malignant'")
+        method = {"layer-cam": "LayerCAM", "grad-cam": "Grad-CAM"}.get(explanation.get("method"), "Heatmap")
+        caption = (f"{method}: no region raised the malignancy score" if explanation.get("no_positive_evidence")
+                   else f"{method}: where the model found evidence for 'malignant'")
         heat.image(base64.b64decode(explanation["overlay_png"]), use_container_width=True, caption=caption)
     p, model = res["probability"], res.get("model", {})
     st.markdown(
@@ -99,7 +100,7 @@ def main() -> None:
     except ClientError as e:
         st.error(f"Client set-up failed: {e}")
         return
-    explain = st.toggle("Show heatmap (Grad-CAM)", value=True,
+    explain = st.toggle("Show heatmap (LayerCAM)", value=True,
                         help="Asks /explanations: slower (about twice a prediction), same probability")
     files = st.file_uploader("Lesion photos (JPEG, PNG, WebP, BMP, GIF, TIFF, HEIC; camera photos included)",
                              accept_multiple_files=True)

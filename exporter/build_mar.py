@@ -36,6 +36,7 @@ from exporter.precision import INT8_REFUSAL, PrecisionError, calibration_images,
 from handler.archive import (
     BF16_MODEL_FILE,
     EXPLAIN_FILE,
+    EXPLAIN_METHOD,
     METADATA_FILE,
     MODEL_CONFIG_FILE,
     MODEL_FILE,
@@ -100,7 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--force-precision", action="store_true",
                     help="write the reduced-precision archive even above --max-delta")
     ap.add_argument("--no-explain", action="store_true",
-                    help="leave out explain.pt (Grad-CAM for /explanations): a ~105 MiB smaller archive")
+                    help="leave out explain.pt (LayerCAM heatmaps for /explanations): a ~105 MiB smaller archive")
     return ap.parse_args(argv)
 
 
@@ -211,7 +212,7 @@ def build(args: argparse.Namespace) -> Path:
             model_sha256=file_sha256(model_path),
             demo=demo,
             precision=precision,
-            explain=None if explain_bytes is None else {"file": EXPLAIN_FILE, "method": "grad-cam",
+            explain=None if explain_bytes is None else {"file": EXPLAIN_FILE, "method": EXPLAIN_METHOD,
                                                         "layer": EXPLAIN_LAYER},
             created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             versions=versions(),

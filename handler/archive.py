@@ -33,7 +33,13 @@ BF16_MODEL_FILE = "model.pt2"  # AOTInductor package (exporter/export.py: export
 ONNX_MODEL_FILE = "model.onnx"  # --runtime openvino (exporter/export.py: export_openvino)
 MODEL_CONFIG_FILE = "model-config.yaml"
 METADATA_FILE = "metadata.json"
-EXPLAIN_FILE = "explain.pt"  # Grad-CAM parts (handler/explain.py); absent in --no-explain archives
+EXPLAIN_FILE = "explain.pt"  # the model split at one stage (handler/explain.py); absent in --no-explain archives
+# How handler/explain.py turns activations and gradients into a map. LayerCAM (Jiang et al., IEEE TIP 2021)
+# weighs each activation by its own positive gradient; Grad-CAM by the channel's mean gradient. At layer3
+# Grad-CAM's map was all-negative (no heatmap) for half of the lesions trained networks scored malignant
+# (docs/EXPLANATIONS.md). Archives built before LayerCAM say "grad-cam" and keep it.
+EXPLAIN_METHODS = ("layer-cam", "grad-cam")
+EXPLAIN_METHOD = "layer-cam"
 
 METADATA_SCHEMA = 1  # bump when metadata.json's keys or their meaning change; readers refuse other schemas
 PRECISIONS = ("fp32", "bf16")
@@ -97,6 +103,9 @@ class ArchiveMetadata:
         if self.explain is not None and not (isinstance(self.explain, dict)
                                              and {"file", "method", "layer"} <= set(self.explain)):
             raise ArchiveError(f"{where}: explain must be null or an object with file, method and layer")
+        if self.explain is not None and self.explain["method"] not in EXPLAIN_METHODS:
+            raise ArchiveError(f"{where}: explain.method {self.explain['method']!r} is not one of "
+                               f"{', '.join(EXPLAIN_METHODS)}: rebuild the archive with this version's ./build_mar.sh")
         if self.outputs not in (1, 2) or not isinstance(self.versions, dict):
             raise ArchiveError(f"{where}: outputs must be 1 or 2 and versions an object")
 

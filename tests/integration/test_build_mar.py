@@ -32,7 +32,7 @@ def test_demo_archive_contents(demo_archive: Path) -> None:
         manifest = json.loads(zf.read("MAR-INF/MANIFEST.json"))
     assert {"model.pt", "explain.pt", "metadata.json", "model-config.yaml", "melanoma_handler.py",
             "handler/pipeline.py", "handler/explain.py"} <= names
-    assert meta["explain"] == {"file": "explain.pt", "method": "grad-cam", "layer": "layer3"}
+    assert meta["explain"] == {"file": "explain.pt", "method": "layer-cam", "layer": "layer3"}
     assert meta["demo"] is True and meta["architecture"] == "resnest50_fast_4s1x64d" and meta["head"] == "sigmoid"
     assert len(meta["weights_sha256"]) == 64 and meta["versions"]["torch"].startswith("2.13.0")
     assert {"created_at", "source_file", "model_file", "model_sha256"} <= set(meta)

@@ -1,4 +1,4 @@
-"""POST /explanations/melanoma on real TorchServe: the prediction's probability plus a Grad-CAM heatmap."""
+"""POST /explanations/melanoma on real TorchServe: the prediction's probability plus a LayerCAM heatmap."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def test_heatmap_shape_range_and_overlay(server: Server) -> None:
     data = encode(lesion_rgb(300, 400, seed=41))
     body = explain(server, data).json()["explanation"]
     heat = np.array(body["heatmap"], dtype=float)
-    assert body["method"] == "grad-cam" and body["layer"] == "layer3" and body["grid"] == [8, 8]
+    assert body["method"] == "layer-cam" and body["layer"] == "layer3" and body["grid"] == [8, 8]
     assert body["image_size"] == [300, 400] and body["shape"] == [192, 256] and heat.shape == (192, 256)
     assert np.isfinite(heat).all() and 0 <= heat.min() and heat.max() <= 1
     assert "overlay_png" not in body

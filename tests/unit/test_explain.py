@@ -1,5 +1,6 @@
-"""Grad-CAM without a server: TTA un-mapping, heatmap range/shape, mirror symmetry, and that the peak
-lands on the one structure a model was fitted to respond to. Uses explain.pt exactly as build_mar.sh makes it."""
+"""LayerCAM (and Grad-CAM, for older archives) without a server: the maps' formulas, TTA un-mapping,
+heatmap range/shape, mirror symmetry, and that the peak lands on the one structure a model was fitted to
+respond to. Uses explain.pt exactly as build_mar.sh makes it."""
 
 from __future__ import annotations
 
@@ -51,6 +52,22 @@ def demo_explainer() -> Explainer:
     return _explainer(demo_checkpoint())
 
 
+def test_map_formulas() -> None:
+    """LayerCAM: sum over channels of ReLU(gradient) x activation, per position; Grad-CAM: ReLU of the sum
+    of activations weighted by each channel's mean gradient. Checked on random tensors with float64 sums."""
+    from handler.explain import cam_map
+
+    g = torch.Generator().manual_seed(0)
+    a, grad = torch.rand(2, 5, 3, 4, generator=g), torch.randn(2, 5, 3, 4, generator=g)
+    layer = np.einsum("bchw,bchw->bhw", np.maximum(grad.numpy(), 0).astype(np.float64), a.numpy())
+    assert np.allclose(cam_map("layer-cam", a, grad).numpy(), layer, rtol=1e-6, atol=1e-6)
+    w = grad.numpy().astype(np.float64).mean(axis=(2, 3))
+    grad_cam = np.maximum(np.einsum("bc,bchw->bhw", w, a.numpy()), 0)
+    assert np.allclose(cam_map("grad-cam", a, grad).numpy(), grad_cam, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="score-cam"):
+        cam_map("score-cam", a, grad)
+
+
 def test_heatmaps_finite_in_range_and_shaped(demo_explainer: Explainer) -> None:
     images = [encode(lesion_rgb(240, 320, seed=s)) for s in range(3)]
     cams, peaks, logits = demo_explainer.cams([load_tensor(d, CFG) for d in images])
@@ -68,6 +85,7 @@ def test_heatmaps_finite_in_range_and_shaped(demo_explainer: Explainer) -> None:
         assert heat.max() == 0 if e["no_positive_evidence"] else 0.95 * p <= heat.max() <= p + 1e-4
         assert e["scale"] == "probability" and e["peak"] == pytest.approx(float(peak), rel=1e-5)
         assert e["layer"] == "layer3" and e["grid"] == [8, 8] and e["views_averaged"] == 8
+        assert e["method"] == "layer-cam"
     assert sum(not b["explanation"]["no_positive_evidence"] for b in bodies) >= 1  # not vacuous
     png = Image.open(io.BytesIO(base64.b64decode(bodies[1]["explanation"]["overlay_png"])))
     assert png.format == "PNG" and png.size == (256, 192)
@@ -103,7 +121,7 @@ def test_heatmap_peak_falls_inside_the_blob() -> None:
 
 @pytest.mark.slow
 def test_trained_fixture_heatmap_peaks_on_the_lesion(trained_checkpoint: Path) -> None:
-    """The trained fixture (train/ on the synthetic task): for images of the positive class, Grad-CAM's
+    """The trained fixture (train/ on the synthetic task): for images of the positive class, the map's
     peak lies on the lesion (within one cell of the 8x8 map: what its border and patch look like is the
     evidence) and the map is hotter on the lesion than off it, wherever the lesion is."""
     from scipy import ndimage

@@ -200,10 +200,12 @@ def test_archive_metadata_is_a_typed_versioned_record() -> None:
     """metadata.json round-trips; an unknown or missing key, a wrong type or another schema fails at load
     with one line that says to rebuild."""
     meta = ArchiveMetadata(version="1.0", architecture="resnest50_fast_4s1x64d", weights_sha256="ab",
-                           explain={"file": "explain.pt", "method": "grad-cam", "layer": "layer3"})
+                           explain={"file": "explain.pt", "method": "layer-cam", "layer": "layer3"})
     data = meta.to_mapping()
     assert ArchiveMetadata.from_mapping(data) == meta and data["schema"] == 1
     assert ArchiveMetadata.from_mapping({k: v for k, v in data.items() if k != "schema"}) == meta  # schema 1
+    older = {**data, "explain": {**data["explain"], "method": "grad-cam"}}  # archives built before LayerCAM
+    assert ArchiveMetadata.from_mapping(older).explain["method"] == "grad-cam"
     cases = [
         ({**data, "treshold": 0.3}, "unknown key(s) treshold"),
         ({k: v for k, v in data.items() if k != "demo"}, "missing key(s) demo"),
@@ -211,6 +213,7 @@ def test_archive_metadata_is_a_typed_versioned_record() -> None:
         ({**data, "outputs": True}, "outputs must be int"),
         ({**data, "precision": {"name": "int8"}}, "precision must be an object whose name is one of fp32, bf16"),
         ({**data, "explain": {"file": "explain.pt"}}, "explain must be null or an object"),
+        ({**data, "explain": {**data["explain"], "method": "score-cam"}}, "explain.method 'score-cam' is not one"),
         ({**data, "precision": {"name": "bf16", "format": "openvino"}}, "a bf16 model runs on aotinductor"),
         ({**data, "precision": {"name": "fp32", "format": "aotinductor"}}, "runs on torchscript or openvino"),
         ({**data, "schema": 2}, "schema 2; this handler reads schema 1"),
