@@ -4,7 +4,7 @@ and for a model whose head is fitted to those photos (so that its scores spread 
     .venv/bin/python bench/precision_agreement.py [--images 200]      # ~10 minutes on 2 cores
 
 Writes the photos and an ISIC-2020 train.csv to a temporary folder, builds both archives with
-build_mar.sh --precision bf16 --calibration-dir ... --calibration-labels ..., and prints what the builds
+build_mar.sh --precision bf16 --validation-images ... --validation-labels ..., and prints what the builds
 measured. Labels are synthetic (the darker half of the lesions is "malignant"): they only give the fitted head
 something to learn and the AUCs something to compare.
 """
@@ -50,7 +50,7 @@ def photos(folder: Path, n: int) -> dict[str, int]:
 def build(label: str, checkpoint: Path | None, folder: Path, out: Path) -> None:
     out.mkdir()
     args = ([str(checkpoint)] if checkpoint else []) + [
-        "--precision", "bf16", "--calibration-dir", str(folder), "--calibration-labels",
+        "--precision", "bf16", "--validation-images", str(folder), "--validation-labels",
         str(folder / "train.csv"), "--no-explain", "--force-precision"]
     proc = run_build(*args, output_dir=out)
     line = next(ln for ln in proc.stderr.splitlines() if "vs fp32 on" in ln)

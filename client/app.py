@@ -56,6 +56,14 @@ def preview(data: bytes) -> Image.Image | None:
         return None
 
 
+def calibration_line(res: dict) -> str:
+    cal = res.get("calibration") or {}
+    if cal.get("method") != "temperature":
+        return "**Calibration:** none (the raw TTA score)  \n"
+    return (f"**Calibration:** temperature {cal['temperature']:g} on the validation set "
+            f"(raw TTA score {res['raw_score']:.6f})  \n")
+
+
 def show_result(name: str, data: bytes, explain: bool) -> None:
     st.subheader(name)
     try:
@@ -83,7 +91,9 @@ def show_result(name: str, data: bytes, explain: bool) -> None:
     p, model = res["probability"], res.get("model", {})
     st.markdown(
         f"**Probability of melanoma:** <span class='probability'>{p:.6f}</span> ({100 * p:.1f} %)  \n"
-        f"**Label:** {res['label']} (threshold {res['threshold']:g})  \n"
+        f"**Label:** {res['label']} (threshold {res['threshold']:g}, "
+        f"{(res.get('operating_point') or {}).get('chosen_for', 'fixed threshold')})  \n"
+        f"{calibration_line(res)}"
         f"**TTA views:** {res['tta_views']}  \n"
         f"**Model:** {model.get('name', '')} {model.get('version', '')}"
         f"{' (DEMO, untrained)' if model.get('demo') else ''}",

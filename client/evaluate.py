@@ -71,10 +71,12 @@ def offline_scorer(target: str) -> OfflineScorer:
 
 
 def model_identity(res: dict[str, Any]) -> dict[str, Any]:
-    """What decides a score: the weights, the archive's version, its precision and TTA views."""
+    """What decides a score: the weights, the archive's version, its precision, runtime, TTA views and
+    calibration."""
     m = res.get("model") or {}
     return {"name": m.get("name"), "version": m.get("version"), "weights_sha256": m.get("weights_sha256"),
-            "precision": m.get("precision", "fp32"), "tta_views": res.get("tta_views")}
+            "precision": m.get("precision", "fp32"), "runtime": m.get("runtime", "torchscript"),
+            "tta_views": res.get("tta_views"), "calibration": res.get("calibration", {"method": "none"})}
 
 
 def score_all(scorer: Any, images: dict[str, Path], done: dict[str, float], out_csv: Path, workers: int,
@@ -175,10 +177,13 @@ def summarize(labels: dict[str, int], scores: dict[str, float], threshold: float
     g = [groups[n] for n in names] if groups else None
     by_patient = g is not None and len(set(g)) < len(g)
     lo, hi = metrics.bootstrap_auc_ci(y, p, groups=np.array(g) if by_patient else None)
+    sens_ci, spec_ci = metrics.sens_spec_ci(y, p, threshold, groups=np.array(g) if by_patient else None)
     out.update({
         "auc": metrics.auc(y, p), "auc_95ci": [lo, hi], "bootstrap": "patient" if by_patient else "image",
         "partial_auc_above_80_tpr": metrics.partial_auc_above_tpr(y, p, 0.8),
-        "threshold": threshold, "sensitivity_at_threshold": sens, "specificity_at_threshold": spec,
+        "threshold": threshold, "sensitivity_at_threshold": sens, "sensitivity_at_threshold_95ci": list(sens_ci),
+        "specificity_at_threshold": spec, "specificity_at_threshold_95ci": list(spec_ci),
+        "ece": metrics.expected_calibration_error(y, p), "brier": metrics.brier(y, p),
     })
     for target in (0.95, 0.90):
         t, s, sp = metrics.threshold_for_sensitivity(y, p, target)
@@ -306,13 +311,15 @@ def print_report(s: dict[str, Any], out: Path) -> None:
         lo, hi = s["auc_95ci"]
         print(f"ROC AUC {s['auc']:.4f} (95% CI {lo:.4f}-{hi:.4f}, bootstrap by {s['bootstrap']}); "
               f"partial AUC above 80% TPR {s['partial_auc_above_80_tpr']:.4f} (max 0.2)")
-        print(f"at threshold {s['threshold']:.4f}: sensitivity {s['sensitivity_at_threshold']:.3f}, "
-              f"specificity {s['specificity_at_threshold']:.3f}")
+        (slo, shi), (plo, phi) = s["sensitivity_at_threshold_95ci"], s["specificity_at_threshold_95ci"]
+        print(f"at threshold {s['threshold']:.4f}: sensitivity {s['sensitivity_at_threshold']:.3f} (95% CI "
+              f"{slo:.3f}-{shi:.3f}), specificity {s['specificity_at_threshold']:.3f} (95% CI {plo:.3f}-{phi:.3f})")
+        print(f"calibration: ECE {s['ece']:.4f} (15 bins), Brier {s['brier']:.4f}")
         for k in ("95", "90"):
             t = s[f"threshold_for_{k}_sensitivity"]
             print(f"threshold for >= {k}% sensitivity: {t['threshold']:.4f} (sensitivity {t['sensitivity']:.3f}, "
-                  f"specificity {t['specificity']:.3f}); bake it in: ./build_mar.sh CKPT --threshold "
-                  f"{t['threshold']:.4f} --force")
+                  f"specificity {t['specificity']:.3f}); choose it on a validation set at build time: ./build_mar.sh "
+                  f"CKPT --validation-images DIR --validation-labels CSV --sensitivity 0.{k} --force")
     else:
         print(s.get("error", ""))
     if "compare" in s:

@@ -231,7 +231,7 @@ class Client:
         return f"{self.url.rstrip('/')}/explanations/{self.model}"
 
     def predict_bytes(self, data: bytes, explain: bool = False) -> dict[str, Any]:
-        """The prediction; with `explain`, from /explanations with a Grad-CAM heatmap and PNG overlay."""
+        """The prediction; with `explain`, from /explanations with a heatmap and PNG overlay."""
         last: ClientError | None = None
         renewed = False
         attempt = 0
@@ -411,7 +411,7 @@ class OfflineScorer:
 
             if self._explainer is None:
                 self._explainer = ex.load_explainer(self.archive)
-            p = self.archive.scorer.predict_bytes(data)
-            return ex.explain_images(self._explainer, [data], [p], self.archive.metadata, [True])[0]
+            score = self.archive.scorer.score_bytes(data)
+            return ex.explain_images(self._explainer, [data], [score], self.archive.metadata, [True])[0]
         except self._input_error as e:
             raise ClientError(str(e), e.status) from None

@@ -7,6 +7,7 @@ the output folder: everything is staged in a temporary folder and moved in with 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -22,6 +23,14 @@ from typing import Any, NoReturn
 
 import yaml
 
+from exporter.calibration import (
+    CalibrationError,
+    calibration_record,
+    fit_temperature,
+    operating_point,
+    report,
+    score_validation_set,
+)
 from exporter.checkpoint import ARCHITECTURE, CheckpointError, file_sha256, load_checkpoint
 from exporter.export import (
     EXPLAIN_LAYER,
@@ -42,6 +51,8 @@ from handler.archive import (
     MODEL_FILE,
     ONNX_MODEL_FILE,
     ArchiveMetadata,
+    load_model,
+    release_memory,
 )
 from handler.pipeline import TTA_CHOICES, PipelineConfig
 
@@ -75,7 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("checkpoint", nargs="?", help="Lightning .ckpt, state_dict .pt/.pth or TorchScript file")
     ap.add_argument("--model-name", default="melanoma", help="archive and endpoint name (default: melanoma)")
     ap.add_argument("--version", default=None, help="model version (default: 1.0, or 0.0-demo for the demo)")
-    ap.add_argument("--threshold", type=float, default=0.5, help="decision threshold for the label (default 0.5)")
+    ap.add_argument("--threshold", type=float, default=None,
+                    help="decision threshold for the label (default 0.5; or chosen by --sensitivity/--specificity)")
     ap.add_argument("--tta-views", type=int, choices=TTA_CHOICES, default=8, help="TTA views (default 8)")
     ap.add_argument("--output-dir", default=str(ROOT / "model_store"), help="where the .mar goes")
     ap.add_argument("--force", action="store_true", help="overwrite an existing archive")
@@ -87,12 +99,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=0, help="torch threads in the worker (0: all usable CPUs)")
     ap.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32",
                     help="fp32 (default), or bf16: ~2x faster on CPUs with AVX512-BF16/AMX, measured on "
-                    "--calibration-dir first; compiled for this CPU and torch (needs g++)")
+                    "--validation-images first; compiled for this CPU and torch (needs g++)")
     ap.add_argument("--runtime", choices=("torchscript", "openvino"), default="torchscript",
                     help="what runs the fp32 model: torchscript (default) or openvino (opt-in, faster on CPUs "
                          "measured; needs scripts/setup.sh --openvino)")
-    ap.add_argument("--calibration-dir", help="your images (ISIC-format folder) to measure a reduced precision on")
-    ap.add_argument("--calibration-labels", help="their labels (ISIC 2020 or 2019 CSV): also report both AUCs")
+    val = ap.add_argument_group("your labelled validation set (ISIC folder + CSV; never the images you test on)")
+    val.add_argument("--validation-images", metavar="DIR",
+                     help="your images: a reduced precision is measured on them; with --validation-labels also "
+                          "--calibrate and --sensitivity/--specificity")
+    val.add_argument("--validation-labels", metavar="CSV", help="their labels (SIIM-ISIC 2020 or ISIC 2019 CSV)")
+    val.add_argument("--calibrate", choices=("none", "temperature"), default="none",
+                     help="temperature: fit temperature scaling so that the served probability is calibrated "
+                          "(the raw TTA score is served beside it as raw_score); default none")
+    pick = val.add_mutually_exclusive_group()
+    pick.add_argument("--sensitivity", type=float, metavar="S",
+                      help="choose the threshold that reaches this validation sensitivity (e.g. 0.95)")
+    pick.add_argument("--specificity", type=float, metavar="S",
+                      help="choose the threshold that reaches this validation specificity")
+    # The names before the validation set served calibration too: kept working, with a notice.
+    ap.add_argument("--calibration-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--calibration-labels", help=argparse.SUPPRESS)
     ap.add_argument("--max-delta", type=float, default=0.02,
                     help="refuse a reduced-precision archive whose max |dp| vs fp32 exceeds this (default 0.02)")
     ap.add_argument("--compile-cache", default=os.environ.get("MELANOMA_COMPILE_CACHE"), metavar="DIR",
@@ -102,7 +128,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="write the reduced-precision archive even above --max-delta")
     ap.add_argument("--no-explain", action="store_true",
                     help="leave out explain.pt (LayerCAM heatmaps for /explanations): a ~105 MiB smaller archive")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    for old, new in (("calibration_dir", "validation_images"), ("calibration_labels", "validation_labels")):
+        if getattr(args, old):
+            if getattr(args, new):
+                ap.error(f"--{old.replace('_', '-')} is the old name of --{new.replace('_', '-')}; give one")
+            print(f"build_mar: notice: --{old.replace('_', '-')} is now --{new.replace('_', '-')}", file=sys.stderr)
+            setattr(args, new, getattr(args, old))
+    return args
 
 
 def versions() -> dict[str, str]:
@@ -139,9 +172,22 @@ def build(args: argparse.Namespace) -> Path:
     if args.batch_size < 1 or args.max_batch_delay < 0 or args.threads < 0:
         raise BuildError("--batch-size must be >= 1, --max-batch-delay and --threads >= 0")
     try:
-        cfg = PipelineConfig(tta_views=args.tta_views, threshold=args.threshold)
+        cfg = PipelineConfig(tta_views=args.tta_views, threshold=0.5 if args.threshold is None else args.threshold)
     except ValueError as e:
         raise BuildError(str(e)) from None
+    goal = "sensitivity" if args.sensitivity is not None else "specificity" if args.specificity is not None else None
+    fits = args.calibrate != "none" or goal is not None
+    if fits and not (args.validation_images and args.validation_labels):
+        raise BuildError("--calibrate, --sensitivity and --specificity need your labelled validation set: "
+                         "--validation-images DIR --validation-labels CSV")
+    if goal is not None and args.threshold is not None:
+        raise BuildError(f"--threshold and --{goal} both set the threshold; give one")
+    if goal is not None and not 0 < getattr(args, goal) < 1:
+        raise BuildError(f"--{goal} must be between 0 and 1")
+    if args.validation_images and not Path(args.validation_images).is_dir():
+        raise BuildError(f"--validation-images {args.validation_images} does not exist (or is not a folder)")
+    if args.validation_labels and not Path(args.validation_labels).is_file():
+        raise BuildError(f"--validation-labels {args.validation_labels} does not exist (or is not a file)")
     archiver = shutil.which("torch-model-archiver", path=str(Path(sys.executable).parent)) or shutil.which(
         "torch-model-archiver"
     )
@@ -168,11 +214,11 @@ def build(args: argparse.Namespace) -> Path:
     if args.runtime == "openvino" and args.precision != "fp32":
         raise BuildError("--runtime openvino serves fp32 only; a bf16 archive runs on AOTInductor "
                          "(--precision bf16 without --runtime)")
-    if args.precision != "fp32" and not args.calibration_dir:
-        raise BuildError(f"--precision {args.precision} needs --calibration-dir: its scores must be measured "
+    if args.precision != "fp32" and not args.validation_images:
+        raise BuildError(f"--precision {args.precision} needs --validation-images: its scores must be measured "
                          "against fp32 on your own images before it is served")
     if args.precision != "fp32":
-        calibration_images(Path(args.calibration_dir))  # a wrong folder fails now, not after the compile
+        calibration_images(Path(args.validation_images))  # a wrong folder fails now, not after the compile
         # Compile (about a minute) before anything else is exported, so that a machine without a
         # compiler fails in seconds.
         reduced, compiled = export_bf16(ckpt, cfg.image_size, args.compile_cache)
@@ -184,14 +230,26 @@ def build(args: argparse.Namespace) -> Path:
     else:
         model_bytes = export_torchscript(ckpt, cfg.image_size)
     if args.precision != "fp32":
-        labels = Path(args.calibration_labels) if args.calibration_labels else None
-        agreement = measure(model_bytes, reduced, args.precision, cfg, Path(args.calibration_dir), labels)
+        labels = Path(args.validation_labels) if args.validation_labels else None
+        agreement = measure(model_bytes, reduced, args.precision, cfg, Path(args.validation_images), labels)
         print(agreement.report(args.precision), file=sys.stderr)
         if agreement.max_abs_dp > args.max_delta and not args.force_precision:
             raise BuildError(f"{args.precision} differs from fp32 by up to {agreement.max_abs_dp:.4f} in probability "
                              f"(> --max-delta {args.max_delta}); nothing written (--force-precision to override)")
         precision = {"name": args.precision, "bound": args.max_delta, **agreement.to_mapping(), **compiled}
         model_bytes, model_file = reduced, BF16_MODEL_FILE
+    calibration = op = None
+    if fits:  # on the model exactly as it will be served: its precision, its runtime, its load path
+        served = load_model(model_bytes, precision["name"], str(precision.get("format", "torchscript")))
+        scores = score_validation_set(served, cfg, Path(args.validation_images), Path(args.validation_labels))
+        del served
+        release_memory()
+        temperature = fit_temperature(scores) if args.calibrate == "temperature" else 1.0
+        calibration = calibration_record(scores, temperature) if args.calibrate == "temperature" else None
+        op = operating_point(scores, temperature, goal, getattr(args, goal)) if goal else None
+        cfg = dataclasses.replace(cfg, temperature=temperature, threshold=op["threshold"] if op else cfg.threshold)
+        for line in report(scores, calibration, op):
+            print(line, file=sys.stderr)
     explain_bytes = None if args.no_explain else export_explainer(ckpt, cfg.image_size, EXPLAIN_LAYER)
     version = args.version or ("0.0-demo" if demo else "1.0")
 
@@ -214,6 +272,8 @@ def build(args: argparse.Namespace) -> Path:
             precision=precision,
             explain=None if explain_bytes is None else {"file": EXPLAIN_FILE, "method": EXPLAIN_METHOD,
                                                         "layer": EXPLAIN_LAYER},
+            calibration=calibration,
+            operating_point=op,
             created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             versions=versions(),
         ).to_mapping()  # the reader's own record: what it cannot load is never written
@@ -262,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         target = build(args)
-    except (BuildError, CheckpointError, ExportError, PrecisionError) as e:
+    except (BuildError, CheckpointError, ExportError, PrecisionError, CalibrationError) as e:
         print(f"build_mar: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # an unexpected failure still gets one line; the traceback on request

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import yaml
 
-from handler.pipeline import Model, PipelineConfig, Scorer
+from handler.pipeline import Model, PipelineConfig, Score, Scorer
 
 DEMO_WARNING = (
     "DEMO MODEL: untrained weights from a fixed seed. This score means nothing; "
@@ -64,6 +64,13 @@ class ArchiveError(ValueError):
     """An archive this version cannot serve; the message says what to do (one line)."""
 
 
+OPERATING_TARGETS = ("sensitivity", "specificity")
+
+
+def _positive(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x < float("inf")
+
+
 @dataclass(frozen=True)
 class ArchiveMetadata:
     """metadata.json, typed and versioned. Written by exporter/build_mar.py through to_mapping(), read back
@@ -82,6 +89,12 @@ class ArchiveMetadata:
     demo: bool = False
     precision: dict[str, Any] = field(default_factory=lambda: {"name": "fp32"})
     explain: dict[str, Any] | None = None  # {"file", "method", "layer"}, or None in --no-explain archives
+    # Fitted on the user's labelled validation set at build time (exporter/calibration.py), or None:
+    # {"method": "temperature", "temperature", "images", "positives", "ece_before", "ece_after", ...}
+    calibration: dict[str, Any] | None = None
+    # {"target": "sensitivity" | "specificity", "value", "threshold", "sensitivity", "sensitivity_95ci",
+    #  "specificity", "specificity_95ci", "images", "positives", "bootstrap"}, or None: a fixed --threshold
+    operating_point: dict[str, Any] | None = None
     created_at: str = ""
     versions: dict[str, str] = field(default_factory=dict)
     schema: int = METADATA_SCHEMA
@@ -106,6 +119,18 @@ class ArchiveMetadata:
         if self.explain is not None and self.explain["method"] not in EXPLAIN_METHODS:
             raise ArchiveError(f"{where}: explain.method {self.explain['method']!r} is not one of "
                                f"{', '.join(EXPLAIN_METHODS)}: rebuild the archive with this version's ./build_mar.sh")
+        if self.calibration is not None and not (isinstance(self.calibration, dict)
+                                                 and self.calibration.get("method") == "temperature"
+                                                 and _positive(self.calibration.get("temperature"))):
+            raise ArchiveError(f"{where}: calibration must be null or an object with method \"temperature\" and a "
+                               "positive temperature: rebuild the archive with this version's ./build_mar.sh")
+        if self.operating_point is not None and not (
+                isinstance(self.operating_point, dict)
+                and self.operating_point.get("target") in OPERATING_TARGETS
+                and isinstance(self.operating_point.get("threshold"), (int, float))):
+            raise ArchiveError(f"{where}: operating_point must be null or an object with a target "
+                               f"({' or '.join(OPERATING_TARGETS)}) and a threshold: rebuild the archive with "
+                               "this version's ./build_mar.sh")
         if self.outputs not in (1, 2) or not isinstance(self.versions, dict):
             raise ArchiveError(f"{where}: outputs must be 1 or 2 and versions an object")
 
@@ -229,12 +254,39 @@ def release_memory() -> None:
         pass
 
 
-def result(probability: float, cfg: PipelineConfig, meta: ArchiveMetadata) -> dict[str, Any]:
+def operating_point_summary(cfg: PipelineConfig, meta: ArchiveMetadata) -> dict[str, Any]:
+    """What every response says about its threshold: chosen for a validation sensitivity or specificity
+    (with what that set measured), or a fixed number."""
+    op = meta.operating_point
+    if op is None:
+        return {"threshold": cfg.threshold, "chosen_for": "fixed threshold (build_mar.sh --threshold)"}
+    return {"threshold": cfg.threshold, "chosen_for": f"{op['target']} >= {op['value']:g} on the validation set",
+            "validation_sensitivity": op["sensitivity"], "validation_specificity": op["specificity"]}
+
+
+def check_contract(cfg: PipelineConfig, meta: ArchiveMetadata) -> None:
+    """model-config.yaml (what scores) and metadata.json (what the build measured) must tell one story."""
+    temperature = meta.calibration["temperature"] if meta.calibration else 1.0
+    if cfg.temperature != temperature:
+        raise ArchiveError(f"model-config.yaml's temperature {cfg.temperature} is not the {temperature} "
+                           "metadata.json records: rebuild the archive with ./build_mar.sh")
+    if meta.operating_point is not None and cfg.threshold != meta.operating_point["threshold"]:
+        raise ArchiveError(f"model-config.yaml's threshold {cfg.threshold} is not the operating point's "
+                           f"{meta.operating_point['threshold']} in metadata.json: rebuild the archive with "
+                           "./build_mar.sh")
+
+
+def result(score: Score, cfg: PipelineConfig, meta: ArchiveMetadata) -> dict[str, Any]:
     """The response schema shared by the handler and the client's offline mode."""
+    probability = score.probability
     out: dict[str, Any] = {
         "probability": probability,
+        "raw_score": score.raw_score,
         "label": "malignant" if probability >= cfg.threshold else "benign",
         "threshold": cfg.threshold,
+        "operating_point": operating_point_summary(cfg, meta),
+        "calibration": ({"method": "temperature", "temperature": cfg.temperature} if meta.calibration
+                        else {"method": "none"}),
         "tta_views": cfg.tta_views,
         "model": {
             "name": meta.name,
@@ -303,7 +355,7 @@ class LoadedArchive:
     source: Path
 
     def score(self, data: bytes) -> dict[str, Any]:
-        return result(self.scorer.predict_bytes(data), self.cfg, self.metadata)
+        return result(self.scorer.score_bytes(data), self.cfg, self.metadata)
 
     def has_member(self, name: str) -> bool:
         if self.source.is_dir():
@@ -341,6 +393,7 @@ def load_archive(path: str | os.PathLike[str], threads: int | None = None,
         metadata = ArchiveMetadata.from_mapping(json.loads(read(METADATA_FILE)))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArchiveError(f"metadata.json does not parse ({e}): rebuild the archive with ./build_mar.sh") from None
+    check_contract(cfg, metadata)
     check_runtime(metadata.precision)
     model_file = model_file or metadata.model_file
     model_source: bytes | Path = p / model_file if p.is_dir() else read(model_file)

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from handler.archive import EXPLAIN_METHOD, EXPLAIN_METHODS, ArchiveMetadata, LoadedArchive, result
-from handler.pipeline import InputError, PipelineConfig, decode_image, preprocess, tta_views
+from handler.pipeline import InputError, PipelineConfig, Score, decode_image, preprocess, tta_views, view_probabilities
 
 # Heatmaps are upsampled to the input image's size, but no side beyond this: a 24 MP photo's full-size
 # map would be ~200 MB of JSON (TorchServe's max_response_size is 6.5 MB by default).
@@ -139,10 +139,10 @@ def overlay_png(rgb: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> bytes
     return buf.getvalue()
 
 
-def explain_images(explainer: Explainer, images: Sequence[bytes], probabilities: Sequence[float],
+def explain_images(explainer: Explainer, images: Sequence[bytes], scores: Sequence[Score],
                    model_info: ArchiveMetadata, overlay: Sequence[bool],
                    tensors: Sequence[torch.Tensor] | None = None) -> list[dict[str, Any]]:
-    """Responses for images whose probabilities pipeline.Scorer gave: result() plus `explanation`.
+    """Responses for images whose scores pipeline.Scorer gave: result() plus `explanation`.
     `tensors`: the images already preprocessed for that score (else they are decoded here)."""
     cfg = explainer.cfg
     # explain.pt is always fp32: beside a bf16 model.pt the two agree only within the build's measured bound.
@@ -150,7 +150,9 @@ def explain_images(explainer: Explainer, images: Sequence[bytes], probabilities:
     if tensors is None:
         tensors = [preprocess(decode_image(d, cfg), cfg) for d in images]
     cams, peaks, logits = explainer.cams(tensors)
-    check = torch.sigmoid(logits.double().reshape(cfg.tta_views, len(images))).mean(dim=0)
+    # the served probability's own function (calibration included)
+    check = view_probabilities(logits[:, None], len(images), cfg.tta_views, cfg.temperature)
+    probabilities = [s.probability for s in scores]
     out = []
     for i, data in enumerate(images):
         if abs(float(check[i]) - probabilities[i]) > tolerance:
@@ -161,7 +163,7 @@ def explain_images(explainer: Explainer, images: Sequence[bytes], probabilities:
         # One scale for every image: the map relative to its own peak, times the probability. Its grid's
         # brightest cell is the probability, so a p = 0.02 image shows a cold map and p = 0.98 a hot one.
         heat = upsample(cams[i], size) * probabilities[i]
-        body = result(probabilities[i], cfg, model_info)
+        body = result(scores[i], cfg, model_info)
         body["explanation"] = {
             "method": explainer.method,
             "layer": explainer.layer,

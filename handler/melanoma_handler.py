@@ -28,7 +28,7 @@ from ts.torch_handler.request_envelope.base import BaseEnvelope  # noqa: E402
 from handler import pipeline  # noqa: E402
 from handler.archive import load_archive, precision_warning, release_memory, result  # noqa: E402
 from handler.explain import Explainer, explain_images, load_explainer  # noqa: E402
-from handler.pipeline import InputError  # noqa: E402
+from handler.pipeline import InputError, Score  # noqa: E402
 from handler.request import Request, parse_request  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ class MelanomaHandler(BaseHandler):
         """GET <management>/models/melanoma/<version>?customized=true: what this worker serves, and its pid.
         The describe job travels through the model's job queue like a prediction, so its answer also proves
         that this worker finished every job it took before it (scripts/update_model.sh drains on that)."""
-        model = result(0.0, self.cfg, self.metadata)["model"]
+        model = result(Score(0.0, 0.0), self.cfg, self.metadata)["model"]
         return {**model, "tta_views": self.cfg.tta_views, "threshold": self.cfg.threshold, "worker_pid": os.getpid()}
 
     def preprocess(self, data: list[Any]) -> list[Request]:
@@ -143,21 +143,21 @@ class MelanomaHandler(BaseHandler):
         if live:
             t0 = time.perf_counter()
             try:
-                probabilities = self.scorer.predict([r.tensor for r in live])  # type: ignore[misc]
+                scores = self.scorer.score([r.tensor for r in live])  # type: ignore[misc]
             except Exception:
                 logger.exception("forward pass failed")
                 self._fail(live, {"error": "the model failed on this batch; see the server log", "code": 500})
             else:
-                for r, p in zip(live, probabilities, strict=True):
-                    r.probability = p
+                for r, score in zip(live, scores, strict=True):
+                    r.score = score
             self._emit("MelanomaStageSeconds", time.perf_counter() - t0, "forward")
         return requests
 
     def postprocess(self, requests: list[Request]) -> list[Any]:  # type: ignore[override]
-        """The JSON answer of each request; Grad-CAM for those sent to /explanations."""
+        """The JSON answer of each request; a heatmap for those sent to /explanations."""
         for r in requests:
             if r.status == 200 and not r.explain:
-                r.body = result(r.probability, self.cfg, self.metadata)
+                r.body = result(r.score, self.cfg, self.metadata)  # type: ignore[arg-type]
         explain = [r for r in requests if r.status == 200 and r.explain]
         if explain:
             t0 = time.perf_counter()
@@ -168,7 +168,7 @@ class MelanomaHandler(BaseHandler):
         for r in requests:
             self._emit("MelanomaRequests", 1, str(r.status))
             if r.status == 200:
-                self._emit("MelanomaProbability", r.probability)
+                self._emit("MelanomaProbability", r.score.probability)  # type: ignore[union-attr]
         return [self._reply(r) for r in requests]
 
     def explain_handle(self, data_preprocess: list[Request], raw_data: list[Any]) -> list[Any]:  # type: ignore[override]
@@ -177,11 +177,11 @@ class MelanomaHandler(BaseHandler):
         return self.postprocess(self.inference(data_preprocess))
 
     def _explain(self, requests: list[Request]) -> None:
-        """Grad-CAM for the requests sent to /explanations; the probability is the one just computed."""
+        """Heatmaps for the requests sent to /explanations; the probability is the one just computed."""
         try:
             if self.explainer is None:
                 self.explainer = load_explainer(self._archive)
-            bodies = explain_images(self.explainer, [r.payload for r in requests], [r.probability for r in requests],
+            bodies = explain_images(self.explainer, [r.payload for r in requests], [r.score for r in requests],
                                     self.metadata, [r.overlay for r in requests],
                                     [r.tensor for r in requests])  # type: ignore[misc]
         except InputError as e:

@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 # albumentations checks PyPI for updates at import unless told not to: never touch the network.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -64,6 +64,9 @@ class PipelineConfig:
     # another resize says so in its archive instead of being served through this one.
     interpolation: str = "linear"
     area_for_downscale: bool = True
+    # Temperature scaling fitted at build time on the user's labelled validation set (exporter/calibration.py):
+    # probability = sigmoid(logit(raw TTA score) / temperature). 1.0: uncalibrated, the probability is the raw score.
+    temperature: float = 1.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
@@ -76,6 +79,8 @@ class PipelineConfig:
             raise ValueError("image_size must be >= 16 and mean/std must have 3 values")
         if any(s <= 0 for s in self.std) or self.max_pixel_value <= 0 or self.max_image_pixels <= 0:
             raise ValueError("std, max_pixel_value and max_image_pixels must be positive")
+        if not (isinstance(self.temperature, (int, float)) and 0 < self.temperature < float("inf")):
+            raise ValueError(f"temperature must be a positive number, got {self.temperature!r}")
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
 
@@ -206,11 +211,25 @@ def tta_views(x: torch.Tensor, views: int) -> torch.Tensor:
     return torch.cat(out[:views], dim=0)
 
 
-def view_probabilities(logits: torch.Tensor, n: int, views: int) -> torch.Tensor:
-    """(views*N) x 1 logits -> N probabilities: mean over views of sigmoid, in float64."""
+def calibrate(raw: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Temperature scaling of the TTA score: sigmoid(logit(raw) / temperature), float64. Applied to the TTA mean
+    rather than to each view, so that it is monotone in the raw score: the ranking (and any AUC measured on raw
+    scores) is unchanged, and a raw threshold maps to exactly one calibrated threshold."""
+    if temperature == 1.0:
+        return raw
+    return torch.sigmoid(torch.logit(raw.double()) / temperature)
+
+
+def view_probabilities(logits: torch.Tensor, n: int, views: int, temperature: float = 1.0) -> torch.Tensor:
+    """(views*N) x 1 logits -> N probabilities: mean over views of sigmoid, in float64, then calibrated."""
     if logits.shape != (views * n, 1):
         raise RuntimeError(f"model returned shape {tuple(logits.shape)}, expected ({views * n}, 1)")
-    return torch.sigmoid(logits.reshape(views, n).double()).mean(dim=0)
+    return calibrate(torch.sigmoid(logits.reshape(views, n).double()).mean(dim=0), temperature)
+
+
+class Score(NamedTuple):
+    probability: float  # what the archive serves: calibrated when it was built with --calibrate
+    raw_score: float  # the uncalibrated TTA mean of sigmoid(logit); equal to probability when uncalibrated
 
 
 Model = Callable[[torch.Tensor], torch.Tensor]  # N x 3 x S x S -> N x 1 logits (handler/archive.py loads it)
@@ -223,18 +242,29 @@ class Scorer:
         self.model = model
         self.cfg = cfg
 
-    def predict(self, tensors: Sequence[torch.Tensor]) -> list[float]:
-        """All views of all images go through ONE forward pass."""
-        if not tensors:
-            return []
+    def logits(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """(views*N) x 1 float32 logits, view-major. All views of all images go through ONE forward pass."""
         x = torch.stack(list(tensors))
         batch = tta_views(x, self.cfg.tta_views).contiguous()
         with torch.inference_mode():
-            logits = self.model(batch)
-        return view_probabilities(logits.float(), len(tensors), self.cfg.tta_views).tolist()
+            return self.model(batch).float()
+
+    def score(self, tensors: Sequence[torch.Tensor]) -> list[Score]:
+        if not tensors:
+            return []
+        raw = view_probabilities(self.logits(tensors), len(tensors), self.cfg.tta_views)
+        calibrated = calibrate(raw, self.cfg.temperature)
+        return [Score(p, r) for p, r in zip(calibrated.tolist(), raw.tolist(), strict=True)]
+
+    def predict(self, tensors: Sequence[torch.Tensor]) -> list[float]:
+        """The served probabilities (calibrated when the archive is)."""
+        return [s.probability for s in self.score(tensors)]
+
+    def score_bytes(self, data: bytes) -> Score:
+        return self.score([load_tensor(data, self.cfg)])[0]
 
     def predict_bytes(self, data: bytes) -> float:
-        return self.predict([load_tensor(data, self.cfg)])[0]
+        return self.score_bytes(data).probability
 
     def warm_up(self, runs: int = 3) -> None:
         """The TorchScript profiling executor optimises over the first calls: pay that at start-up."""

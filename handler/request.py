@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from handler.pipeline import InputError
+from handler.pipeline import InputError, Score
 
 TRUE = ("1", "true", "yes")
 HOW_TO_SEND = (
@@ -109,7 +109,7 @@ class Request:
     explain: bool = False
     overlay: bool = False
     error: InputError | None = None
-    probability: float = float("nan")
+    score: Score | None = None  # set by the forward pass
     body: dict[str, Any] = field(default_factory=dict)
     status: int = 200
     inline: bool = False  # an instance of TorchServe's KServe envelope: answered as a dict, errors inline

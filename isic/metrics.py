@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,11 +64,40 @@ def threshold_for_sensitivity(y: np.ndarray, p: np.ndarray, sensitivity: float) 
     return t, s, sp
 
 
-def bootstrap_auc_ci(y: np.ndarray, p: np.ndarray, n: int = 1000, seed: int = 0, level: float = 0.95,
-                     groups: np.ndarray | None = None) -> tuple[float, float]:
-    """Percentile bootstrap of the AUC; resamples holding one class only are skipped. With `groups` (e.g. the
-    patient of each image) whole groups are resampled: a patient's images are not independent, and resampling
-    them one by one makes the interval too narrow."""
+def threshold_for_specificity(y: np.ndarray, p: np.ndarray, specificity: float) -> tuple[float, float, float]:
+    """The lowest threshold whose specificity is at least `specificity`; returns (threshold, sens, spec)."""
+    r = roc_curve(y, p)
+    i = int(np.flatnonzero(1 - r.fpr >= specificity - 1e-12)[-1])  # index 0 (threshold inf) always qualifies
+    t = float(r.thresholds[i])
+    if not np.isfinite(t):  # no score reaches it: nothing is called malignant
+        t = float(np.nextafter(np.max(p), np.inf))
+    s, sp = sens_spec(y, p, t)
+    return t, s, sp
+
+
+def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 15) -> float:
+    """ECE: the |mean predicted - observed frequency| of equal-width probability bins, weighted by their size."""
+    y = np.asarray(y, dtype=np.float64)
+    p = np.asarray(p, dtype=np.float64)
+    idx = np.minimum((p * bins).astype(int), bins - 1)
+    total = 0.0
+    for b in range(bins):
+        m = idx == b
+        if m.any():
+            total += m.sum() * abs(p[m].mean() - y[m].mean())
+    return float(total / len(p))
+
+
+def brier(y: np.ndarray, p: np.ndarray) -> float:
+    return float(np.mean((np.asarray(p, dtype=np.float64) - np.asarray(y, dtype=np.float64)) ** 2))
+
+
+def bootstrap_ci(y: np.ndarray, p: np.ndarray, statistic: Callable[[np.ndarray, np.ndarray], float],
+                 n: int = 1000, seed: int = 0, level: float = 0.95,
+                 groups: np.ndarray | None = None) -> tuple[float, float]:
+    """Percentile bootstrap of statistic(y, p); resamples holding one class only are skipped. With `groups`
+    (e.g. the patient of each image) whole groups are resampled: a patient's images are not independent, and
+    resampling them one by one makes the interval too narrow."""
     rng = np.random.default_rng(seed)
     y = np.asarray(y, dtype=bool)
     p = np.asarray(p, dtype=np.float64)
@@ -82,8 +112,22 @@ def bootstrap_auc_ci(y: np.ndarray, p: np.ndarray, n: int = 1000, seed: int = 0,
         yb = y[idx]
         if yb.all() or not yb.any():
             continue
-        vals.append(auc(yb, p[idx]))
+        vals.append(statistic(yb, p[idx]))
     if not vals:  # e.g. one patient holding every image: no resample has both classes to compare
         return float("nan"), float("nan")
     lo, hi = np.percentile(vals, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
     return float(lo), float(hi)
+
+
+def bootstrap_auc_ci(y: np.ndarray, p: np.ndarray, n: int = 1000, seed: int = 0, level: float = 0.95,
+                     groups: np.ndarray | None = None) -> tuple[float, float]:
+    """Percentile bootstrap of the AUC (see bootstrap_ci)."""
+    return bootstrap_ci(y, p, auc, n, seed, level, groups)
+
+
+def sens_spec_ci(y: np.ndarray, p: np.ndarray, threshold: float, n: int = 1000, seed: int = 0, level: float = 0.95,
+                 groups: np.ndarray | None = None) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Bootstrap intervals of the sensitivity and the specificity at a fixed threshold."""
+    sens = bootstrap_ci(y, p, lambda yb, pb: sens_spec(yb, pb, threshold)[0], n, seed, level, groups)
+    spec = bootstrap_ci(y, p, lambda yb, pb: sens_spec(yb, pb, threshold)[1], n, seed, level, groups)
+    return sens, spec

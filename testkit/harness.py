@@ -201,5 +201,5 @@ def build_bf16_demo(work: Path) -> Path:
         (cal / f"img{i:03d}.jpg").write_bytes(encode(lesion_rgb(seed=3000 + i)))
     out = work / "bf16"
     out.mkdir(exist_ok=True)
-    run_build("--precision", "bf16", "--calibration-dir", str(cal), "--no-explain", output_dir=out)
+    run_build("--precision", "bf16", "--validation-images", str(cal), "--no-explain", output_dir=out)
     return out / "melanoma.mar"

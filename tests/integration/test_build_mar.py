@@ -16,7 +16,7 @@ from exporter.checkpoint import build_model, load_checkpoint
 from exporter.export import demo_checkpoint
 from handler.archive import load_archive
 from handler.explain import explain_images, load_explainer
-from handler.pipeline import InputError, PipelineConfig, load_tensor, tta_views
+from handler.pipeline import InputError, PipelineConfig, Score, load_tensor, tta_views
 from testkit.harness import ROOT, run_build
 from testkit.imaging import encode, lesion_rgb
 from train.synthetic import lesion
@@ -97,7 +97,7 @@ def test_checkpoint_archive_scores_equal_the_eager_model(weights: str, outputs: 
         probs.append(res["probability"])
     # explain.pt is the same model (softmax head included): explain_images checks its logits against p
     data = encode(lesion_rgb(seed=0), "JPEG")
-    body = explain_images(load_explainer(archive), [data], [probs[0]], archive.metadata, [False])[0]
+    body = explain_images(load_explainer(archive), [data], [Score(probs[0], probs[0])], archive.metadata, [False])[0]
     assert body["probability"] == probs[0] and body["explanation"]["shape"] == [192, 256]
     assert max(probs) - min(probs) > 1e-3  # the images really score differently
 
@@ -129,8 +129,8 @@ def test_tta_views_option_reaches_the_archive(views: int, tmp_path: Path) -> Non
             load_explainer(archive)
         assert e.value.status == 501
     else:
-        p = archive.score(data)["probability"]
-        body = explain_images(load_explainer(archive), [data], [p], archive.metadata, [False])[0]
+        body = explain_images(load_explainer(archive), [data], [archive.scorer.score_bytes(data)], archive.metadata,
+                              [False])[0]
         assert body["explanation"]["views_averaged"] == 4
 
 

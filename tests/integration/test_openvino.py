@@ -97,7 +97,7 @@ def test_served_by_torchserve(weights: str, ov_server: Server, ov_store: Path) -
 
 
 def test_runtime_openvino_refuses_bf16(tmp_path: Path) -> None:
-    proc = run_build("--runtime", "openvino", "--precision", "bf16", "--calibration-dir", str(tmp_path),
+    proc = run_build("--runtime", "openvino", "--precision", "bf16", "--validation-images", str(tmp_path),
                      output_dir=tmp_path, check=False)
     assert proc.returncode != 0 and "--runtime openvino serves fp32 only" in proc.stderr.strip().splitlines()[-1]
     assert list(tmp_path.iterdir()) == []

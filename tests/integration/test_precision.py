@@ -51,7 +51,7 @@ def compiler() -> None:
 def bf16_store(compiler: None, calibration: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     store = tmp_path_factory.mktemp("bf16") / "model_store"
     store.mkdir()
-    proc = run_build("--precision", "bf16", "--calibration-dir", str(calibration), "--calibration-labels",
+    proc = run_build("--precision", "bf16", "--validation-images", str(calibration), "--validation-labels",
                      str(calibration / "train.csv"), output_dir=store)
     return store, proc.stderr
 
@@ -80,7 +80,7 @@ def test_bf16_archive_is_measured_and_says_so(bf16_store: tuple[Path, str], demo
     assert max(diffs) <= 0.02 and max(diffs) > 0  # really reduced, and within the bound
     # explanations still work beside a bf16 model (explain.pt stays fp32)
     data = encode(lesion_rgb(seed=501))
-    body = explain_images(load_explainer(archive), [data], [archive.score(data)["probability"]],
+    body = explain_images(load_explainer(archive), [data], [archive.scorer.score_bytes(data)],
                           archive.metadata, [False])[0]
     assert body["model"]["precision"] == "bf16" and body["explanation"]["shape"] == [192, 256]
 
@@ -93,8 +93,8 @@ def test_bf16_agreement_measured_on_trained_weights(compiler: None, trained_chec
     (measured here, AVX2 without native bf16: max |dp| 0.0161, mean 0.0004, AUC equal), so both outcomes are
     checked for what they must be: written within the bound with the AUC kept, or refused with one line
     naming the measured difference, nothing written."""
-    proc = run_build(str(trained_checkpoint), "--precision", "bf16", "--no-explain", "--calibration-dir",
-                     str(heldout_data / "jpeg"), "--calibration-labels", str(heldout_data / "train.csv"),
+    proc = run_build(str(trained_checkpoint), "--precision", "bf16", "--no-explain", "--validation-images",
+                     str(heldout_data / "jpeg"), "--validation-labels", str(heldout_data / "train.csv"),
                      output_dir=tmp_path, check=False)
     assert "reused from" not in proc.stderr  # other weights: compiled anew, never the demo's package
     report = next(ln for ln in proc.stderr.splitlines() if ln.startswith("bf16 vs fp32 on 96 calibration image(s)"))
@@ -148,7 +148,7 @@ def test_bf16_archive_refused_where_it_cannot_run(bf16_store: tuple[Path, str]) 
 
 
 def test_bf16_build_without_a_compiler_fails_fast(calibration: Path, tmp_path: Path) -> None:
-    proc = run_build("--precision", "bf16", "--calibration-dir", str(calibration), "--no-explain",
+    proc = run_build("--precision", "bf16", "--validation-images", str(calibration), "--no-explain",
                      output_dir=tmp_path, check=False, env={**os.environ, "CXX": "/nonexistent/g++"})
     assert proc.returncode == 2
     assert "needs a C++ compiler" in proc.stderr.strip().splitlines()[-1]
@@ -160,13 +160,13 @@ def test_refused_above_the_bound_and_nothing_written(bf16_store: tuple[Path, str
     """The same weights as bf16_store: the compiled package comes from the session's compile cache (verified
     against the eager model like a fresh one), so only the bound decides here."""
     assert "reused from" not in bf16_store[1]  # the first bf16 build of the demo compiled
-    proc = run_build("--precision", "bf16", "--calibration-dir", str(calibration), "--max-delta", "0.000001",
+    proc = run_build("--precision", "bf16", "--validation-images", str(calibration), "--max-delta", "0.000001",
                      "--no-explain", output_dir=tmp_path, check=False)
     assert proc.returncode == 2 and "bf16: compiled package reused from" in proc.stderr, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("build_mar: error: bf16 differs from fp32 by up to") and "nothing written" in last
     assert list(tmp_path.iterdir()) == []
-    forced = run_build("--precision", "bf16", "--calibration-dir", str(calibration), "--max-delta", "0.000001",
+    forced = run_build("--precision", "bf16", "--validation-images", str(calibration), "--max-delta", "0.000001",
                        "--force-precision", "--no-explain", output_dir=tmp_path)
     assert forced.returncode == 0 and "bf16: compiled package reused from" in forced.stderr
     prec = load_archive(tmp_path / "melanoma.mar").metadata.precision
@@ -175,8 +175,8 @@ def test_refused_above_the_bound_and_nothing_written(bf16_store: tuple[Path, str
 
 @pytest.mark.parametrize("args,words", [
     (("--precision", "int8"), "int8 is not available"),
-    (("--precision", "bf16"), "needs --calibration-dir"),
-    (("--precision", "bf16", "--calibration-dir", "/nonexistent"), "does not exist"),
+    (("--precision", "bf16"), "needs --validation-images"),
+    (("--precision", "bf16", "--validation-images", "/nonexistent"), "does not exist"),
     (("--max-delta", "0"), "--max-delta must be between 0 and 1"),
 ])
 def test_bad_precision_options_fail_fast(args: tuple[str, ...], words: str, tmp_path: Path) -> None:

@@ -43,8 +43,11 @@ def test_response_schema(server: Server, offline: LoadedArchive) -> None:
     r = server.predict(encode(lesion_rgb(seed=1)))
     assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
     body = r.json()
-    assert set(body) == {"probability", "label", "threshold", "tta_views", "model", "warning"}
-    assert 0.0 < body["probability"] < 1.0
+    assert set(body) == {"probability", "raw_score", "label", "threshold", "operating_point", "calibration",
+                         "tta_views", "model", "warning"}
+    assert 0.0 < body["probability"] < 1.0 and body["raw_score"] == body["probability"]  # not calibrated
+    assert body["calibration"] == {"method": "none"}
+    assert body["operating_point"] == {"threshold": 0.5, "chosen_for": "fixed threshold (build_mar.sh --threshold)"}
     assert body["label"] == ("malignant" if body["probability"] >= 0.5 else "benign")
     assert body["threshold"] == 0.5 and body["tta_views"] == 8
     assert body["model"] == {"name": "melanoma", "version": "0.0-demo", "demo": True, "precision": "fp32",

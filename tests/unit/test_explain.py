@@ -24,7 +24,7 @@ from handler.explain import (
     untta,
     upsample,
 )
-from handler.pipeline import InputError, PipelineConfig, Scorer, load_tensor, tta_views
+from handler.pipeline import InputError, PipelineConfig, Score, Scorer, load_tensor, tta_views
 from handler.request import request_headers, wants_overlay
 from testkit.blobs import blob_checkpoint, blob_image, random_center
 from testkit.imaging import encode, jpeg_with_orientation, lesion_rgb
@@ -72,7 +72,7 @@ def test_heatmaps_finite_in_range_and_shaped(demo_explainer: Explainer) -> None:
     images = [encode(lesion_rgb(240, 320, seed=s)) for s in range(3)]
     cams, peaks, logits = demo_explainer.cams([load_tensor(d, CFG) for d in images])
     assert cams.shape == (3, 8, 8) and peaks.shape == (3,) and logits.shape == (24,)
-    bodies = explain_images(demo_explainer, images, [float(p) for p in torch.sigmoid(
+    bodies = explain_images(demo_explainer, images, [Score(float(p), float(p)) for p in torch.sigmoid(
         logits.double().reshape(8, 3)).mean(0)], ArchiveMetadata(demo=True), [False, True, False])
     for body, peak in zip(bodies, peaks, strict=True):
         e = body["explanation"]
@@ -192,7 +192,7 @@ def test_one_scale_low_probability_shows_a_cold_map(trained_checkpoint: Path) ->
     images = [encode(lesion_and_mask(label, rng)[0], "PNG") for label in labels]
     _, peaks, logits = ex.cams([load_tensor(d, CFG) for d in images])
     probs = [float(p) for p in torch.sigmoid(logits.double().reshape(8, len(images))).mean(0)]
-    bodies = explain_images(ex, images, probs, ArchiveMetadata(), [False] * len(images))
+    bodies = explain_images(ex, images, [Score(p, p) for p in probs], ArchiveMetadata(), [False] * len(images))
     for label, body, p, peak in zip(labels, bodies, probs, peaks, strict=True):
         assert (p > 0.5) == bool(label), (label, p)  # each image is scored as its class
         top = np.array(body["explanation"]["heatmap"]).max()

@@ -11,7 +11,16 @@ import torch
 from PIL import Image
 
 from handler.archive import ArchiveError, ArchiveMetadata, check_runtime, result
-from handler.pipeline import InputError, PipelineConfig, Scorer, decode_image, preprocess, tta_views, view_probabilities
+from handler.pipeline import (
+    InputError,
+    PipelineConfig,
+    Score,
+    Scorer,
+    decode_image,
+    preprocess,
+    tta_views,
+    view_probabilities,
+)
 from testkit.imaging import encode, heic_with_orientation, jpeg_with_orientation, lesion_rgb, png_header_only, variants
 
 CFG = PipelineConfig()
@@ -189,10 +198,12 @@ def test_config_rejects_typos_and_bad_values() -> None:
 
 def test_result_schema_and_demo_warning() -> None:
     info = {"name": "melanoma", "version": "0.0-demo", "weights_sha256": "ab", "demo": True}
-    r = result(0.7, PipelineConfig(threshold=0.6), ArchiveMetadata(**info))
+    r = result(Score(0.7, 0.7), PipelineConfig(threshold=0.6), ArchiveMetadata(**info))
     assert r["label"] == "malignant" and r["threshold"] == 0.6 and r["tta_views"] == 8
+    assert r["raw_score"] == 0.7 and r["calibration"] == {"method": "none"}
+    assert r["operating_point"] == {"threshold": 0.6, "chosen_for": "fixed threshold (build_mar.sh --threshold)"}
     assert r["model"] == {**info, "precision": "fp32", "runtime": "torchscript"} and "DEMO" in r["warning"]
-    r2 = result(0.59, PipelineConfig(threshold=0.6), ArchiveMetadata(**{**info, "demo": False}))
+    r2 = result(Score(0.59, 0.59), PipelineConfig(threshold=0.6), ArchiveMetadata(**{**info, "demo": False}))
     assert r2["label"] == "benign" and "warning" not in r2
 
 
@@ -231,7 +242,7 @@ def test_runtime_is_read_from_the_precision_record() -> None:
     without OpenVINO is refused at load with the command that installs it."""
     ov = ArchiveMetadata(precision={"name": "fp32", "format": "openvino", "openvino": "2026.4.1"})
     assert ov.runtime == "openvino" and ArchiveMetadata().runtime == "torchscript"
-    assert result(0.3, PipelineConfig(), ov)["model"]["runtime"] == "openvino"
+    assert result(Score(0.3, 0.3), PipelineConfig(), ov)["model"]["runtime"] == "openvino"
     import importlib.util
     from unittest import mock
 
