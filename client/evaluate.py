@@ -6,7 +6,8 @@
     python client/evaluate.py --labels train.csv --images jpeg/ --compare model_store/melanoma.mar
 
 Label files: SIIM-ISIC 2020 train.csv (image_name, target) or ISIC 2019 ground truth (image, MEL).
-Writes OUT/scores.csv (image, target, probability; resumable), OUT/summary.json and OUT/roc.png.
+Writes OUT/scores.csv (image, target, probability; resumable), OUT/summary.json, OUT/roc.png (with the
+operating points) and OUT/reliability.png.
 The demo model's AUC means nothing: it is untrained.
 """
 
@@ -16,6 +17,7 @@ import argparse
 import csv
 import json
 import sys
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
@@ -192,8 +194,46 @@ def summarize(labels: dict[str, int], scores: dict[str, float], threshold: float
     return out
 
 
-def roc_png(labels: dict[str, int], scores: dict[str, float], path: Path, title: str) -> None:
-    """The ROC curve drawn with Pillow (no plotting library needed on the server)."""
+def reliability_png(labels: dict[str, int], scores: dict[str, float], path: Path, title: str,
+                    bins: int = 10) -> None:
+    """Reliability diagram: per equal-width probability bin, the observed melanoma frequency against the mean
+    predicted probability (on the diagonal when calibrated); each dot's area follows its bin's image count."""
+    from PIL import Image, ImageDraw
+
+    names = [n for n in labels if n in scores]
+    y = np.array([labels[n] for n in names], dtype=np.float64)
+    p = np.array([scores[n] for n in names], dtype=np.float64)
+    size, m = 480, 50
+    img = Image.new("RGB", (size, size), "white")
+    d = ImageDraw.Draw(img)
+
+    def xy(fx: float, fy: float) -> tuple[float, float]:
+        return m + fx * (size - 2 * m), size - m - fy * (size - 2 * m)
+
+    d.rectangle([xy(0, 1), xy(1, 0)], outline="black")
+    d.line([xy(0, 0), xy(1, 1)], fill=(180, 180, 180))
+    if len(p):
+        idx = np.minimum((p * bins).astype(int), bins - 1)
+        points = []
+        for b in range(bins):
+            sel = idx == b
+            if sel.any():
+                cx, cy = xy(float(p[sel].mean()), float(y[sel].mean()))
+                r = 3 + 12 * np.sqrt(sel.sum() / len(p))
+                d.ellipse([cx - r, cy - r, cx + r, cy + r], outline=(200, 30, 30), width=2)
+                points.append((cx, cy))
+        if len(points) > 1:
+            d.line(points, fill=(200, 30, 30), width=2)
+    d.text((m, 15), title, fill="black")
+    d.text((size / 2 - 70, size - 30), "mean predicted probability", fill="black")
+    d.text((8, m - 20), "observed melanoma frequency", fill="black")
+    img.save(path)
+
+
+def roc_png(labels: dict[str, int], scores: dict[str, float], path: Path, title: str,
+            marks: Sequence[tuple[float, str]] = ()) -> None:
+    """The ROC curve drawn with Pillow (no plotting library needed on the server); `marks`: (threshold, name)
+    operating points, drawn where they sit on the curve."""
     from PIL import Image, ImageDraw
 
     names = [n for n in labels if n in scores]
@@ -212,6 +252,11 @@ def roc_png(labels: dict[str, int], scores: dict[str, float], path: Path, title:
     if y.any() and not y.all():
         r = metrics.roc_curve(y, p)
         d.line([xy(f, t) for f, t in zip(r.fpr, r.tpr, strict=True)], fill=(200, 30, 30), width=3)
+        for i, (threshold, name) in enumerate(marks):
+            sens, spec = metrics.sens_spec(y, p, threshold)
+            cx, cy = xy(1 - spec, sens)
+            d.ellipse([cx - 5, cy - 5, cx + 5, cy + 5], outline=(20, 60, 200), width=2)
+            d.text((cx + 8, cy + 4 + 12 * i), f"{name} ({threshold:.3g})", fill=(20, 60, 200))
     d.text((m, 15), title, fill="black")
     d.text((size / 2 - 60, size - 30), "false positive rate", fill="black")
     d.text((8, m - 20), "sensitivity (TPR)", fill="black")
@@ -288,8 +333,14 @@ def main(argv: list[str] | None = None) -> int:
     if demo:
         summary["warning"] = "DEMO MODEL: untrained; this AUC means nothing"
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    marks = [(summary["threshold"], "threshold")] if "auc" in summary else []
+    marks += [(summary[f"threshold_for_{k}_sensitivity"]["threshold"], f"{k}% sens.") for k in ("95", "90")
+              if "auc" in summary]
     roc_png(labels, scores, out / "roc.png", f"ROC, AUC {summary.get('auc', float('nan')):.4f}"
-            + ("  (DEMO MODEL: meaningless)" if demo else ""))
+            + ("  (DEMO MODEL: meaningless)" if demo else ""), marks)
+    reliability_png(labels, scores, out / "reliability.png",
+                    f"Reliability, ECE {summary.get('ece', float('nan')):.4f} (15 bins)"
+                    + ("  (DEMO MODEL: meaningless)" if demo else ""))
     print_report(summary, out)
     # Exit 1 when the report is incomplete: an image could not be scored, or the AUC is undefined.
     if failed:
@@ -327,7 +378,7 @@ def print_report(s: dict[str, Any], out: Path) -> None:
         print(f"served vs offline on {c['images']} images: max |dp| {c['max_abs_delta']:.2e}")
     if s.get("warning"):
         print(f"WARNING: {s['warning']}")
-    print(f"wrote {out / 'scores.csv'}, {out / 'summary.json'}, {out / 'roc.png'}")
+    print(f"wrote {out / 'scores.csv'}, {out / 'summary.json'}, {out / 'roc.png'}, {out / 'reliability.png'}")
 
 
 def cli() -> None:

@@ -75,6 +75,11 @@ def test_served_offline_and_compare(server: Server, demo_archive: Path, dataset:
     p = np.array([q for _, q in scores.values()])
     assert s["auc"] == pytest.approx(metrics.auc(y, p)) and s["positives"] == int(y.sum())
     assert (tmp_path / "served" / "roc.png").stat().st_size > 1000
+    assert (tmp_path / "served" / "reliability.png").stat().st_size > 1000
+    assert s["ece"] == pytest.approx(metrics.expected_calibration_error(y, p)) and s["brier"] == pytest.approx(
+        metrics.brier(y, p))
+    lo, hi = s["sensitivity_at_threshold_95ci"]
+    assert lo <= s["sensitivity_at_threshold"] <= hi
 
     offline = run("--labels", str(dataset / "ISIC_2019_Training_GroundTruth.csv"), "--images",
                   str(dataset / "train"), "--offline", str(demo_archive), "--out", str(tmp_path / "offline"))

@@ -167,3 +167,25 @@ def test_response_names_calibration_and_operating_point() -> None:
         ArchiveMetadata(calibration={"method": "isotonic"})
     with pytest.raises(ArchiveError, match="operating_point"):
         ArchiveMetadata(operating_point={"target": "ppv", "threshold": 0.3})
+
+
+def test_reliability_diagram_puts_each_bin_where_it_belongs(tmp_path) -> None:  # noqa: ANN001
+    """An over-confident set (said 0.95, none true) draws its dot bottom right; a calibrated one (said 0.05,
+    5 % true) bottom left, on the diagonal."""
+    from PIL import Image
+
+    from client.evaluate import reliability_png
+
+    def red_centre(labels: dict[str, int], scores: dict[str, float]) -> tuple[float, float]:
+        path = tmp_path / "r.png"
+        reliability_png(labels, scores, path, "t")
+        a = np.asarray(Image.open(path).convert("RGB")).astype(int)
+        ys, xs = np.nonzero((a[..., 0] > 150) & (a[..., 1] < 80) & (a[..., 2] < 80))
+        size, m = a.shape[0], 50
+        return (xs.mean() - m) / (size - 2 * m), (size - m - ys.mean()) / (size - 2 * m)
+
+    names = [f"i{k}" for k in range(100)]
+    fx, fy = red_centre({n: 0 for n in names}, {n: 0.95 for n in names})
+    assert abs(fx - 0.95) < 0.03 and abs(fy - 0.0) < 0.03
+    fx, fy = red_centre({n: int(k < 5) for k, n in enumerate(names)}, {n: 0.05 for n in names})
+    assert abs(fx - 0.05) < 0.03 and abs(fy - 0.05) < 0.03
