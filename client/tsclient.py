@@ -147,7 +147,8 @@ def add_server_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--workers", type=int, default=4, help="images in flight at once (default 4)")
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
     ap.add_argument("--retries", type=int, default=6,
-                    help="retries on 503 and connection errors, backing off 0.5, 1, 2 ... 16 s (default 6: ~30 s)")
+                    help="retries on 502/503/504/507, a worker that died mid-request and connection errors, "
+                         "backing off 0.5, 1, 2 ... 16 s (default 6: ~30 s)")
 
 
 def client_from_args(args: argparse.Namespace) -> Client:
@@ -277,7 +278,7 @@ class Client:
                 attempt -= 1  # a renewed key is not a retry
                 continue
             last = ClientError(server_message(r), r.status_code)
-            if r.status_code not in RETRY_STATUS:
+            if r.status_code not in RETRY_STATUS and not worker_died(r):
                 break
             wait = retry_after(r)
         assert last is not None
@@ -348,6 +349,12 @@ def _reason(e: Exception) -> str:
         if marker in text:
             return marker
     return text[:160]
+
+
+def worker_died(r: requests.Response) -> bool:
+    """TorchServe's own 500 for a request whose worker died under it (a restart, kill -9, out of memory): a
+    prediction is idempotent, so it is retried like a 503. The handler's own 500s are not."""
+    return r.status_code == 500 and "Worker died" in r.text
 
 
 def retry_after(r: requests.Response, cap: float = 30.0) -> float:

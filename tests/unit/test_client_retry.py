@@ -85,3 +85,17 @@ def test_retry_after_parsing(header: str | None, seconds: float) -> None:
     if header is not None:
         r.headers["Retry-After"] = header
     assert retry_after(r) == seconds
+
+
+def test_a_worker_that_died_is_retried_a_handler_error_is_not(stub: str, sleeps: list[float]) -> None:
+    """TorchServe answers 500 "Worker died." for a request whose worker died under it (a restart, kill -9):
+    retried, as a prediction is idempotent. The handler's own 500 (the model failed) is final."""
+    died = (500, {}, {"code": 500, "type": "InternalServerException", "message": "Worker died."})
+    Stub.answers = [died, OK]
+    assert Client(stub, token="k", backoff=0.01).predict_bytes(b"img")["probability"] == 0.25
+    assert Stub.seen == 2
+    Stub.seen = 0
+    Stub.answers = [(500, {}, {"error": "the model failed on this batch; see the server log", "code": 500}), OK]
+    with pytest.raises(ClientError) as e:
+        Client(stub, token="k", backoff=0.01).predict_bytes(b"img")
+    assert e.value.status == 500 and Stub.seen == 1
