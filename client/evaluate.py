@@ -194,73 +194,67 @@ def summarize(labels: dict[str, int], scores: dict[str, float], threshold: float
     return out
 
 
+class _Plot:
+    """A square Pillow chart with [0, 1] axes, frame, diagonal, title and axis names (no plotting library
+    needed on the server); the labelled images' targets and scores as arrays."""
+
+    size, m = 480, 50
+
+    def __init__(self, labels: dict[str, int], scores: dict[str, float], title: str, xlabel: str,
+                 ylabel: str) -> None:
+        from PIL import Image, ImageDraw
+
+        names = [n for n in labels if n in scores]
+        self.y = np.array([labels[n] for n in names])
+        self.p = np.array([scores[n] for n in names], dtype=np.float64)
+        self.img = Image.new("RGB", (self.size, self.size), "white")
+        self.d = ImageDraw.Draw(self.img)
+        self.d.rectangle([self.xy(0, 1), self.xy(1, 0)], outline="black")
+        self.d.line([self.xy(0, 0), self.xy(1, 1)], fill=(180, 180, 180))
+        self.d.text((self.m, 15), title, fill="black")
+        self.d.text((self.size / 2 - 70, self.size - 30), xlabel, fill="black")
+        self.d.text((8, self.m - 20), ylabel, fill="black")
+
+    def xy(self, fx: float, fy: float) -> tuple[float, float]:
+        return self.m + fx * (self.size - 2 * self.m), self.size - self.m - fy * (self.size - 2 * self.m)
+
+
 def reliability_png(labels: dict[str, int], scores: dict[str, float], path: Path, title: str,
                     bins: int = 10) -> None:
     """Reliability diagram: per equal-width probability bin, the observed melanoma frequency against the mean
     predicted probability (on the diagonal when calibrated); each dot's area follows its bin's image count."""
-    from PIL import Image, ImageDraw
-
-    names = [n for n in labels if n in scores]
-    y = np.array([labels[n] for n in names], dtype=np.float64)
-    p = np.array([scores[n] for n in names], dtype=np.float64)
-    size, m = 480, 50
-    img = Image.new("RGB", (size, size), "white")
-    d = ImageDraw.Draw(img)
-
-    def xy(fx: float, fy: float) -> tuple[float, float]:
-        return m + fx * (size - 2 * m), size - m - fy * (size - 2 * m)
-
-    d.rectangle([xy(0, 1), xy(1, 0)], outline="black")
-    d.line([xy(0, 0), xy(1, 1)], fill=(180, 180, 180))
+    c = _Plot(labels, scores, title, "mean predicted probability", "observed melanoma frequency")
+    y, p = c.y.astype(np.float64), c.p
     if len(p):
         idx = np.minimum((p * bins).astype(int), bins - 1)
         points = []
         for b in range(bins):
             sel = idx == b
             if sel.any():
-                cx, cy = xy(float(p[sel].mean()), float(y[sel].mean()))
+                cx, cy = c.xy(float(p[sel].mean()), float(y[sel].mean()))
                 r = 3 + 12 * np.sqrt(sel.sum() / len(p))
-                d.ellipse([cx - r, cy - r, cx + r, cy + r], outline=(200, 30, 30), width=2)
+                c.d.ellipse([cx - r, cy - r, cx + r, cy + r], outline=(200, 30, 30), width=2)
                 points.append((cx, cy))
         if len(points) > 1:
-            d.line(points, fill=(200, 30, 30), width=2)
-    d.text((m, 15), title, fill="black")
-    d.text((size / 2 - 70, size - 30), "mean predicted probability", fill="black")
-    d.text((8, m - 20), "observed melanoma frequency", fill="black")
-    img.save(path)
+            c.d.line(points, fill=(200, 30, 30), width=2)
+    c.img.save(path)
 
 
 def roc_png(labels: dict[str, int], scores: dict[str, float], path: Path, title: str,
             marks: Sequence[tuple[float, str]] = ()) -> None:
-    """The ROC curve drawn with Pillow (no plotting library needed on the server); `marks`: (threshold, name)
-    operating points, drawn where they sit on the curve."""
-    from PIL import Image, ImageDraw
-
-    names = [n for n in labels if n in scores]
-    y = np.array([labels[n] for n in names])
-    p = np.array([scores[n] for n in names])
-    size, m = 480, 50
-    img = Image.new("RGB", (size, size), "white")
-    d = ImageDraw.Draw(img)
-
-    def xy(fx: float, ty: float) -> tuple[float, float]:
-        return m + fx * (size - 2 * m), size - m - ty * (size - 2 * m)
-
-    d.rectangle([xy(0, 1), xy(1, 0)], outline="black")
-    d.line([xy(0, 0), xy(1, 1)], fill=(180, 180, 180))
-    d.line([xy(0, 0.8), xy(1, 0.8)], fill=(230, 200, 200))
+    """The ROC curve; `marks`: (threshold, name) operating points, drawn where they sit on the curve."""
+    c = _Plot(labels, scores, title, "false positive rate", "sensitivity (TPR)")
+    y, p = c.y, c.p
+    c.d.line([c.xy(0, 0.8), c.xy(1, 0.8)], fill=(230, 200, 200))
     if y.any() and not y.all():
         r = metrics.roc_curve(y, p)
-        d.line([xy(f, t) for f, t in zip(r.fpr, r.tpr, strict=True)], fill=(200, 30, 30), width=3)
+        c.d.line([c.xy(f, t) for f, t in zip(r.fpr, r.tpr, strict=True)], fill=(200, 30, 30), width=3)
         for i, (threshold, name) in enumerate(marks):
             sens, spec = metrics.sens_spec(y, p, threshold)
-            cx, cy = xy(1 - spec, sens)
-            d.ellipse([cx - 5, cy - 5, cx + 5, cy + 5], outline=(20, 60, 200), width=2)
-            d.text((cx + 8, cy + 4 + 12 * i), f"{name} ({threshold:.3g})", fill=(20, 60, 200))
-    d.text((m, 15), title, fill="black")
-    d.text((size / 2 - 60, size - 30), "false positive rate", fill="black")
-    d.text((8, m - 20), "sensitivity (TPR)", fill="black")
-    img.save(path)
+            cx, cy = c.xy(1 - spec, sens)
+            c.d.ellipse([cx - 5, cy - 5, cx + 5, cy + 5], outline=(20, 60, 200), width=2)
+            c.d.text((cx + 8, cy + 4 + 12 * i), f"{name} ({threshold:.3g})", fill=(20, 60, 200))
+    c.img.save(path)
 
 
 def main(argv: list[str] | None = None) -> int:
