@@ -78,6 +78,8 @@ def show_result(name: str, data: bytes, explain: bool) -> None:
         return
     if res.get("warning"):
         st.error(res["warning"])
+    for warning in (res.get("checks") or {}).get("warnings", []):  # input checks: above the score, never hidden
+        st.warning(f"Input check: {warning}")
     photo, heat = st.columns(2)
     image = preview(data)
     if image is not None:

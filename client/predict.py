@@ -61,6 +61,13 @@ def save_heatmap(image: Path, res: dict[str, Any]) -> None:
     explanation["heatmap_png"] = str(out)
 
 
+def flags(res: dict[str, Any]) -> str:
+    """"  [check: blur, out_of_distribution]" for the input checks that flagged this image (--json has them all)."""
+    checks = res.get("checks") or {}
+    names = [k for k, v in checks.items() if isinstance(v, dict) and v.get("flagged")]
+    return f"  [check: {', '.join(names)}]" if names else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     paths = list(iter_images(args.images))
@@ -114,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             elif res:
                 demo = "  [DEMO MODEL: untrained, meaningless]" if res.get("model", {}).get("demo") else ""
                 heat = f"\theatmap: {res['explanation']['heatmap_png']}" if "explanation" in res else ""
-                print(f"{path}\t{res['probability']:.4f}\t{res['label']}{heat}{demo}", flush=True)
+                print(f"{path}\t{res['probability']:.4f}\t{res['label']}{heat}{flags(res)}{demo}", flush=True)
             else:
                 print(f"{path}\tERROR\t{err}", flush=True)
     except AuthError as e:  # every other image would fail the same way: stop with one line

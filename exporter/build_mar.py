@@ -40,7 +40,10 @@ from exporter.export import (
     export_explainer,
     export_openvino,
     export_torchscript,
+    feature_sizes,
 )
+from exporter.ood import PERCENTILE, OodError
+from exporter.ood import fit as fit_ood
 from exporter.precision import INT8_REFUSAL, PrecisionError, calibration_images, measure
 from handler.archive import (
     BF16_MODEL_FILE,
@@ -54,6 +57,7 @@ from handler.archive import (
     load_model,
     release_memory,
 )
+from handler.checks import OOD_FILE, QualityLimits
 from handler.pipeline import TTA_CHOICES, PipelineConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,12 +109,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "measured; needs scripts/setup.sh --openvino)")
     val = ap.add_argument_group("your labelled validation set (ISIC folder + CSV; never the images you test on)")
     val.add_argument("--validation-images", metavar="DIR",
-                     help="your images: a reduced precision is measured on them; with --validation-labels also "
-                          "--calibrate and --sensitivity/--specificity")
+                     help="your images: a reduced precision is measured on them; with --validation-labels the "
+                          "out-of-distribution check is fitted on them, and --calibrate and "
+                          "--sensitivity/--specificity are possible")
     val.add_argument("--validation-labels", metavar="CSV", help="their labels (SIIM-ISIC 2020 or ISIC 2019 CSV)")
     val.add_argument("--calibrate", choices=("none", "temperature"), default="none",
                      help="temperature: fit temperature scaling so that the served probability is calibrated "
                           "(the raw TTA score is served beside it as raw_score); default none")
+    val.add_argument("--ood-percentile", type=float, default=PERCENTILE, metavar="P",
+                     help="with --validation-labels, the out-of-distribution check flags images farther from the "
+                          "validation set than this percentile of its own (out-of-fold) images (default "
+                          f"{PERCENTILE:g})")
     pick = val.add_mutually_exclusive_group()
     pick.add_argument("--sensitivity", type=float, metavar="S",
                       help="choose the threshold that reaches this validation sensitivity (e.g. 0.95)")
@@ -182,6 +191,8 @@ def build(args: argparse.Namespace) -> Path:
                          "--validation-images DIR --validation-labels CSV")
     if goal is not None and args.threshold is not None:
         raise BuildError(f"--threshold and --{goal} both set the threshold; give one")
+    if not 50 <= args.ood_percentile < 100:
+        raise BuildError("--ood-percentile must be in [50, 100)")
     if goal is not None and not 0 < getattr(args, goal) < 1:
         raise BuildError(f"--{goal} must be between 0 and 1")
     if args.validation_images and not Path(args.validation_images).is_dir():
@@ -238,12 +249,31 @@ def build(args: argparse.Namespace) -> Path:
                              f"(> --max-delta {args.max_delta}); nothing written (--force-precision to override)")
         precision = {"name": args.precision, "bound": args.max_delta, **agreement.to_mapping(), **compiled}
         model_bytes, model_file = reduced, BF16_MODEL_FILE
-    calibration = op = None
-    if fits:  # on the model exactly as it will be served: its precision, its runtime, its load path
+    calibration = op = ood = None
+    sizes = feature_sizes(ckpt)
+    checks: dict[str, Any] = {"limits": QualityLimits(min_side=cfg.image_size).to_mapping(), "features": sizes,
+                              "ood": None}
+    if args.validation_images and args.validation_labels:
+        # On the model exactly as it will be served: its precision, its runtime, its load path.
         served = load_model(model_bytes, precision["name"], str(precision.get("format", "torchscript")))
-        scores = score_validation_set(served, cfg, Path(args.validation_images), Path(args.validation_labels))
+        scores = score_validation_set(served, cfg, Path(args.validation_images), Path(args.validation_labels),
+                                      QualityLimits.from_mapping(checks["limits"]))
         del served
         release_memory()
+        assert scores.features is not None  # every model this build exports returns them
+        ood, checks["ood"] = fit_ood(scores.features, list(sizes), list(sizes.values()), scores.groups,
+                                     args.ood_percentile)
+        checks["ood"]["file"] = OOD_FILE
+        print(f"out-of-distribution check: fitted on {len(scores.names)} validation images, flags a distance "
+              f"above {checks['ood']['threshold']:.3f} (the {args.ood_percentile:g}th percentile out of fold)",
+              file=sys.stderr)
+        checks["validation_flagged"] = scores.quality_flagged
+        print("input checks on the validation images: " + ", ".join(
+            f"{k} flags {v}" for k, v in scores.quality_flagged.items()) + f" of {len(scores.names)}", file=sys.stderr)
+        if any(v > 0.05 * len(scores.names) for v in scores.quality_flagged.values()):
+            print("WARNING: a fixed input check flags more than 5 % of your validation images: its limit may not "
+                  "suit your photos (docs/INPUT_CHECKS.md)", file=sys.stderr)
+    if fits:
         temperature = fit_temperature(scores) if args.calibrate == "temperature" else 1.0
         calibration = calibration_record(scores, temperature) if args.calibrate == "temperature" else None
         op = operating_point(scores, temperature, goal, getattr(args, goal)) if goal else None
@@ -274,6 +304,7 @@ def build(args: argparse.Namespace) -> Path:
                                                         "layer": EXPLAIN_LAYER},
             calibration=calibration,
             operating_point=op,
+            checks=checks,
             created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             versions=versions(),
         ).to_mapping()  # the reader's own record: what it cannot load is never written
@@ -281,6 +312,9 @@ def build(args: argparse.Namespace) -> Path:
         if explain_bytes is not None:
             (tmp / EXPLAIN_FILE).write_bytes(explain_bytes)
             extra_files.append(tmp / EXPLAIN_FILE)
+        if ood is not None:
+            (tmp / OOD_FILE).write_bytes(ood.to_bytes())
+            extra_files.append(tmp / OOD_FILE)
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         (tmp / MODEL_CONFIG_FILE).write_text(yaml.safe_dump(model_config(args, cfg), sort_keys=False))
         pkg = tmp / "extra" / "handler"  # packed as a package so the handler imports handler.pipeline
@@ -322,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         target = build(args)
-    except (BuildError, CheckpointError, ExportError, PrecisionError, CalibrationError) as e:
+    except (BuildError, CheckpointError, ExportError, PrecisionError, CalibrationError, OodError) as e:
         print(f"build_mar: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # an unexpected failure still gets one line; the traceback on request

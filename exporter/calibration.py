@@ -13,14 +13,15 @@ different images one score. Isotonic is therefore not offered.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from handler.pipeline import InputError, Model, PipelineConfig, Scorer, load_tensor, view_probabilities
+from handler.checks import QualityLimits, quality
+from handler.pipeline import InputError, Model, PipelineConfig, Scorer, decode, resize, to_tensor, view_probabilities
 from isic import metrics
 from isic.labels import LabelError, find_images, read_label_rows
 
@@ -41,6 +42,8 @@ class ValidationScores:
     groups: np.ndarray  # the patient of each image (the image itself where the CSV names none)
     logits: np.ndarray  # views x N, float32 as the model gave them
     skipped: list[str]  # labelled images that are missing or cannot be read
+    features: np.ndarray | None = None  # N x D pooled features (the model's second output), mean over views
+    quality_flagged: dict[str, int] = field(default_factory=dict)  # images each fixed input check flags
 
     @property
     def by_patient(self) -> bool:
@@ -52,7 +55,8 @@ class ValidationScores:
         return view_probabilities(torch.from_numpy(self.logits).reshape(-1, 1), n, views, temperature).numpy()
 
 
-def score_validation_set(model: Model, cfg: PipelineConfig, images: Path, labels: Path) -> ValidationScores:
+def score_validation_set(model: Model, cfg: PipelineConfig, images: Path, labels: Path,
+                         limits: QualityLimits | None = None) -> ValidationScores:
     try:
         rows = read_label_rows(labels)
     except LabelError as e:
@@ -62,12 +66,26 @@ def score_validation_set(model: Model, cfg: PipelineConfig, images: Path, labels
     paths, missing = find_images(images, [r.name for r in rows])
     scorer = Scorer(model, cfg)
     names, y, groups, skipped, chunks = [], [], [], list(missing), []
+    feats: list[np.ndarray] = []
+    flagged: dict[str, int] = {}
+    limits = limits or QualityLimits(min_side=cfg.image_size)
+
+    def run(batch: list[torch.Tensor]) -> None:
+        logits, features = scorer.outputs(batch)
+        chunks.append(logits.reshape(cfg.tta_views, -1).numpy())
+        if features is not None:
+            feats.append(features)
+
     batch: list[torch.Tensor] = []
     for r in rows:
         if r.name not in paths:
             continue
         try:
-            batch.append(load_tensor(paths[r.name].read_bytes(), cfg))
+            rgb, (width, height) = decode(paths[r.name].read_bytes(), cfg)
+            small = resize(rgb, cfg)
+            batch.append(to_tensor(small, cfg))
+            for check, verdict in quality(width, height, small, limits).items():
+                flagged[check] = flagged.get(check, 0) + int(verdict["flagged"])
         except (InputError, OSError):
             skipped.append(r.name)
             continue
@@ -75,17 +93,18 @@ def score_validation_set(model: Model, cfg: PipelineConfig, images: Path, labels
         y.append(r.target)
         groups.append(r.group)
         if len(batch) == BATCH:
-            chunks.append(scorer.logits(batch).reshape(cfg.tta_views, -1).numpy())
+            run(batch)
             batch = []
     if batch:
-        chunks.append(scorer.logits(batch).reshape(cfg.tta_views, -1).numpy())
+        run(batch)
     yy = np.array(y, dtype=int)
     pos, neg = int(yy.sum()), int(len(yy) - yy.sum())
     if pos < MIN_PER_CLASS or neg < MIN_PER_CLASS:
         raise CalibrationError(f"the validation set has {pos} melanoma(s) and {neg} other image(s) that could be "
                                f"read; at least {MIN_PER_CLASS} of each are needed ({len(skipped)} labelled image(s) "
                                f"missing or unreadable under {images})")
-    return ValidationScores(names, yy, np.array(groups), np.concatenate(chunks, axis=1), skipped)
+    return ValidationScores(names, yy, np.array(groups), np.concatenate(chunks, axis=1), skipped,
+                            np.concatenate(feats) if feats else None, flagged)
 
 
 def nll(y: np.ndarray, p: np.ndarray) -> float:

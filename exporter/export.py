@@ -50,6 +50,55 @@ class MalignancyLogit(nn.Module):
         return out
 
 
+FEATURE_STAGES = ("layer2", "layer3", "layer4")  # pooled for the out-of-distribution check (docs/INPUT_CHECKS.md)
+
+
+class LogitAndFeatures(nn.Module):
+    """What an archive's model returns: N x (1 + D), the malignancy logit (as MalignancyLogit), then the
+    spatially pooled activations after each of FEATURE_STAGES (512 + 1024 + 2048 for ResNeSt-50), from the same
+    forward pass. The input checks measure how far an image's features are from the validation set's
+    (handler/checks.py); the extra output costs three means and a concatenation, and the logit is the head's
+    own. ResNeSt's forward, spelled out so the stages' outputs can leave it."""
+
+    def __init__(self, model: nn.Module, outputs: int) -> None:
+        super().__init__()
+        self.model = model
+        self.outputs = outputs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        a = m.layer1(m.maxpool(m.relu(m.bn1(m.conv1(x)))))
+        pooled = []
+        for name in ("layer2", "layer3", "layer4"):
+            a = getattr(m, name)(a)
+            pooled.append(a.mean(dim=(2, 3)))
+        out = m.fc(torch.flatten(m.avgpool(a), 1))  # m.drop is a no-op in eval
+        logit = out[:, 1:2] - out[:, 0:1] if self.outputs == 2 else out
+        return torch.cat([logit, *pooled], dim=1)
+
+
+def eager_outputs(eager: MalignancyLogit, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The eager model's logits through its own forward, and each FEATURE_STAGES output pooled (hooks): the
+    reference LogitAndFeatures is verified against."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = [getattr(eager.model, name).register_forward_hook(
+        lambda _m, _a, out, name=name: seen.__setitem__(name, out.float().mean(dim=(2, 3))))
+        for name in FEATURE_STAGES]
+    try:
+        logits = eager(x).float()
+    finally:
+        for h in handles:
+            h.remove()
+    return logits, [seen[name] for name in FEATURE_STAGES]
+
+
+def feature_sizes(ckpt: LoadedCheckpoint) -> dict[str, int]:
+    """{stage: channels} of FEATURE_STAGES, in the order the model's feature output holds them."""
+    with torch.inference_mode():
+        _, feats = eager_outputs(MalignancyLogit(ckpt.module, ckpt.outputs).eval(), torch.zeros(1, 3, 64, 64))
+    return {name: int(f.shape[1]) for name, f in zip(FEATURE_STAGES, feats, strict=True)}
+
+
 class ExportError(Exception):
     pass
 
@@ -116,7 +165,7 @@ def export_torchscript(ckpt: LoadedCheckpoint, image_size: int) -> bytes:
     eager = MalignancyLogit(ckpt.module, ckpt.outputs).eval()
     example = torch.randn(2, 3, image_size, image_size)
     with torch.inference_mode():
-        traced = torch.jit.trace(eager, example, check_trace=False)
+        traced = torch.jit.trace(LogitAndFeatures(ckpt.module, ckpt.outputs).eval(), example, check_trace=False)
     frozen = torch.jit.freeze(traced.eval())
     buf = io.BytesIO()
     torch.jit.save(frozen, buf)
@@ -207,7 +256,7 @@ def export_bf16(ckpt: LoadedCheckpoint, image_size: int,
             verify(reference, load_model(data, "bf16"), image_size, BF16_RELATIVE, "bf16 model (from the cache)")
             print(f"bf16: compiled package reused from {cached}", file=sys.stderr)
             return data, info
-    eager = Bfloat16Logit(copy.deepcopy(reference)).eval()
+    eager = Bfloat16Logit(LogitAndFeatures(copy.deepcopy(reference.model), reference.outputs)).eval()
     example = torch.randn(8, 3, image_size, image_size)
     # A private Inductor cache: nothing from an earlier build is reused, nothing is left behind in /tmp.
     with tempfile.TemporaryDirectory(prefix="melanoma-aoti.") as tmp, temporary_cache_dir(tmp):
@@ -254,8 +303,9 @@ def export_openvino(ckpt: LoadedCheckpoint, image_size: int) -> tuple[bytes, dic
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript-based exporter: the one that
         # needs no extra package and exports this traced network as it is served
         path = os.path.join(tmp, "model.onnx")
-        torch.onnx.export(eager, (example,), path, input_names=["x"], output_names=["logits"], opset_version=17,
-                          dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+        torch.onnx.export(LogitAndFeatures(ckpt.module, ckpt.outputs).eval(), (example,), path, input_names=["x"],
+                          output_names=["logit_and_features"], opset_version=17,
+                          dynamic_axes={"x": {0: "batch"}, "logit_and_features": {0: "batch"}}, dynamo=False)
         data = Path(path).read_bytes()
     verify(eager, load_model(data, "fp32", "openvino"), image_size, what="OpenVINO model")
     return data, {"format": "openvino", "openvino": openvino.__version__.split("-")[0]}
@@ -366,15 +416,19 @@ def verify(eager: nn.Module, exported: Callable[[torch.Tensor], torch.Tensor], i
     gen = torch.Generator().manual_seed(0)
     noise = [torch.randn(n, 3, image_size, image_size, generator=gen) for n in VERIFY_BATCHES]
     batches = [photos[:3], photos[3:11], photos[11:], *noise]
-    refs, gots = [], []
+    refs, gots, ref_feats, got_feats = [], [], [], []
     with torch.inference_mode():
         for x in batches:
-            ref, got = eager(x).float(), exported(x)
-            if got.shape != (len(x), 1):
-                raise ExportError(f"the {what} returns {tuple(got.shape)} for a batch of {len(x)}, "
-                                  f"expected ({len(x)}, 1)")
+            (ref, ref_feat), got = eager_outputs(eager, x), exported(x).float()
+            width = 1 + sum(f.shape[1] for f in ref_feat)
+            if got.shape not in ((len(x), 1), (len(x), width)):
+                raise ExportError(f"the {what} returns {tuple(got.shape)} for a batch of {len(x)}, expected "
+                                  f"({len(x)}, 1) or ({len(x)}, {width}): logit and features")
             refs.append(ref)
-            gots.append(got.float())
+            gots.append(got[:, :1])
+            if got.shape[1] > 1:
+                ref_feats.append(ref_feat)
+                got_feats.append(torch.split(got[:, 1:], [f.shape[1] for f in ref_feat], dim=1))
     ref, got = torch.cat(refs), torch.cat(gots)
     scale = max(1.0, float(ref[:len(photos)].abs().median()))  # on the photos: noise is no typical input
     diff = (got - ref).abs()
@@ -387,12 +441,21 @@ def verify(eager: nn.Module, exported: Callable[[torch.Tensor], torch.Tensor], i
             f"{float(ref[i]):.3g} (bound {relative:g} x (|logit| + {scale:.3g}) = {float(bound[i]):.2e}); "
             "the checkpoint's model does not export faithfully"
         )
+    # The pooled features, the same form of bound, per stage: a feature is a sum over the layers before it like
+    # the logit, and its scale is the image's mean |feature| at that stage.
+    for j, name in enumerate(FEATURE_STAGES if got_feats else ()):
+        rf, gf = torch.cat([r[j] for r in ref_feats]), torch.cat([g[j] for g in got_feats])
+        fscale = rf.abs().mean(dim=1, keepdim=True).clamp_min(1e-6)
+        if not bool(((gf - rf).abs() <= relative * (rf.abs() + fscale)).all()):
+            raise ExportError(f"the {what}'s pooled {name} features differ from the eager model's by up to "
+                              f"{float((gf - rf).abs().max()):.2e} (bound {relative:g} x (|feature| + the image's "
+                              "mean |feature|)); the checkpoint's model does not export faithfully")
     # The probability a user gets: served pipeline (all views in one forward) against the eager model
     # one view at a time, on four photos.
     views = 8
     x = photos[6:10]
     with torch.inference_mode():
-        p_exp = view_probabilities(exported(tta_views(x, views).contiguous()).float(), len(x), views)
+        p_exp = view_probabilities(exported(tta_views(x, views).contiguous()).float()[:, :1], len(x), views)
         per_view = torch.stack([eager(v[None]).float()[0, 0] for v in tta_views(x, views)]).reshape(views, len(x))
     p_ref = torch.sigmoid(per_view.double()).mean(0)
     p_bound = 0.25 * relative * (per_view.abs() + scale).double().mean(0)

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 import yaml
 
-from handler.pipeline import Model, PipelineConfig, Score, Scorer
+from handler.checks import OOD_FILE, OOD_METHOD, OodModel, QualityLimits, run_checks
+from handler.pipeline import Model, PipelineConfig, Score, Scorer, decode, resize, to_tensor
 
 DEMO_WARNING = (
     "DEMO MODEL: untrained weights from a fixed seed. This score means nothing; "
@@ -95,6 +96,10 @@ class ArchiveMetadata:
     # {"target": "sensitivity" | "specificity", "value", "threshold", "sensitivity", "sensitivity_95ci",
     #  "specificity", "specificity_95ci", "images", "positives", "bootstrap"}, or None: a fixed --threshold
     operating_point: dict[str, Any] | None = None
+    # The input checks (handler/checks.py): {"limits": QualityLimits, "features": {stage: size} the model's second
+    # output holds (absent: a logit-only model), "ood": the out-of-distribution fit (exporter/ood.py) or None}
+    checks: dict[str, Any] = field(default_factory=lambda: {"limits": QualityLimits().to_mapping(), "features": {},
+                                                            "ood": None})
     created_at: str = ""
     versions: dict[str, str] = field(default_factory=dict)
     schema: int = METADATA_SCHEMA
@@ -131,6 +136,16 @@ class ArchiveMetadata:
             raise ArchiveError(f"{where}: operating_point must be null or an object with a target "
                                f"({' or '.join(OPERATING_TARGETS)}) and a threshold: rebuild the archive with "
                                "this version's ./build_mar.sh")
+        if not (isinstance(self.checks, dict) and isinstance(self.checks.get("limits"), dict)
+                and isinstance(self.checks.get("features"), dict) and "ood" in self.checks
+                and (self.checks["ood"] is None or (isinstance(self.checks["ood"], dict)
+                                                    and self.checks["ood"].get("method") == OOD_METHOD))):
+            raise ArchiveError(f"{where}: checks must be an object with limits, features and ood (null or a "
+                               f"{OOD_METHOD} fit): rebuild the archive with this version's ./build_mar.sh")
+        try:
+            QualityLimits.from_mapping(self.checks["limits"])
+        except TypeError as e:
+            raise ArchiveError(f"{where}: checks.limits: {e}: rebuild the archive with ./build_mar.sh") from None
         if self.outputs not in (1, 2) or not isinstance(self.versions, dict):
             raise ArchiveError(f"{where}: outputs must be 1 or 2 and versions an object")
 
@@ -276,8 +291,9 @@ def check_contract(cfg: PipelineConfig, meta: ArchiveMetadata) -> None:
                            "./build_mar.sh")
 
 
-def result(score: Score, cfg: PipelineConfig, meta: ArchiveMetadata) -> dict[str, Any]:
-    """The response schema shared by the handler and the client's offline mode."""
+def result(score: Score, cfg: PipelineConfig, meta: ArchiveMetadata,
+           checks: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The response schema shared by the handler and the client's offline mode; `checks`: run_checks'."""
     probability = score.probability
     out: dict[str, Any] = {
         "probability": probability,
@@ -297,6 +313,8 @@ def result(score: Score, cfg: PipelineConfig, meta: ArchiveMetadata) -> dict[str
             "runtime": meta.runtime,
         },
     }
+    if checks is not None:
+        out["checks"] = checks
     if out["model"]["demo"]:
         out["warning"] = DEMO_WARNING
     return out
@@ -353,9 +371,23 @@ class LoadedArchive:
     metadata: ArchiveMetadata
     threads: int
     source: Path
+    ood: OodModel | None = None
+
+    @property
+    def limits(self) -> QualityLimits:
+        return QualityLimits.from_mapping(self.metadata.checks["limits"])
 
     def score(self, data: bytes) -> dict[str, Any]:
-        return result(self.scorer.score_bytes(data), self.cfg, self.metadata)
+        """The served response for one image: score and input checks, as the handler answers."""
+        rgb, (width, height) = decode(data, self.cfg)
+        small = resize(rgb, self.cfg)
+        (score,), features = self.scorer.score_and_features([to_tensor(small, self.cfg)])
+        return result(score, self.cfg, self.metadata,
+                      self.checks(width, height, small, None if features is None else features[0]))
+
+    def checks(self, width: int, height: int, resized: Any, features: Any) -> dict[str, Any]:
+        """run_checks for one image; `features`: its row of Scorer.score_and_features' (None: a logit-only model)."""
+        return run_checks(width, height, resized, features, self.limits, self.ood)
 
     def has_member(self, name: str) -> bool:
         if self.source.is_dir():
@@ -400,7 +432,8 @@ def load_archive(path: str | os.PathLike[str], threads: int | None = None,
     threads = threads or int(section.get("threads") or 0) or usable_cpus()
     torch.set_num_threads(threads)
     model = load_model(model_source, metadata.precision_name, metadata.runtime)
-    return LoadedArchive(Scorer(model, cfg), cfg, metadata, threads, p)
+    ood = OodModel.from_bytes(read(OOD_FILE)) if metadata.checks["ood"] else None
+    return LoadedArchive(Scorer(model, cfg), cfg, metadata, threads, p, ood)
 
 
 # CPU features without which a precision runs slower than fp32 (oneDNN emulates bf16 otherwise).

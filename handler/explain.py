@@ -141,7 +141,8 @@ def overlay_png(rgb: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> bytes
 
 def explain_images(explainer: Explainer, images: Sequence[bytes], scores: Sequence[Score],
                    model_info: ArchiveMetadata, overlay: Sequence[bool],
-                   tensors: Sequence[torch.Tensor] | None = None) -> list[dict[str, Any]]:
+                   tensors: Sequence[torch.Tensor] | None = None,
+                   checks: Sequence[dict[str, Any] | None] | None = None) -> list[dict[str, Any]]:
     """Responses for images whose scores pipeline.Scorer gave: result() plus `explanation`.
     `tensors`: the images already preprocessed for that score (else they are decoded here)."""
     cfg = explainer.cfg
@@ -163,7 +164,7 @@ def explain_images(explainer: Explainer, images: Sequence[bytes], scores: Sequen
         # One scale for every image: the map relative to its own peak, times the probability. Its grid's
         # brightest cell is the probability, so a p = 0.02 image shows a cold map and p = 0.98 a hot one.
         heat = upsample(cams[i], size) * probabilities[i]
-        body = result(scores[i], cfg, model_info)
+        body = result(scores[i], cfg, model_info, None if checks is None else checks[i])
         body["explanation"] = {
             "method": explainer.method,
             "layer": explainer.layer,

@@ -123,9 +123,10 @@ class MelanomaHandler(BaseHandler):
                 decoded += 1
                 try:
                     t0 = time.perf_counter()
-                    rgb = pipeline.decode_image(r.payload, self.cfg)
+                    rgb, r.size = pipeline.decode(r.payload, self.cfg)
                     t1 = time.perf_counter()
-                    r.tensor = pipeline.preprocess(rgb, self.cfg)
+                    r.resized = pipeline.resize(rgb, self.cfg)
+                    r.tensor = pipeline.to_tensor(r.resized, self.cfg)
                     decode, prep = decode + t1 - t0, prep + time.perf_counter() - t1
                 except InputError as e:
                     r.error = e
@@ -143,21 +144,24 @@ class MelanomaHandler(BaseHandler):
         if live:
             t0 = time.perf_counter()
             try:
-                scores = self.scorer.score([r.tensor for r in live])  # type: ignore[misc]
+                scores, features = self.scorer.score_and_features([r.tensor for r in live])  # type: ignore[misc]
             except Exception:
                 logger.exception("forward pass failed")
                 self._fail(live, {"error": "the model failed on this batch; see the server log", "code": 500})
             else:
-                for r, score in zip(live, scores, strict=True):
+                self._emit("MelanomaStageSeconds", time.perf_counter() - t0, "forward")
+                t0 = time.perf_counter()
+                for i, (r, score) in enumerate(zip(live, scores, strict=True)):
                     r.score = score
-            self._emit("MelanomaStageSeconds", time.perf_counter() - t0, "forward")
+                    r.checks = self._archive.checks(*r.size, r.resized, None if features is None else features[i])
+                self._emit("MelanomaStageSeconds", time.perf_counter() - t0, "checks")
         return requests
 
     def postprocess(self, requests: list[Request]) -> list[Any]:  # type: ignore[override]
         """The JSON answer of each request; a heatmap for those sent to /explanations."""
         for r in requests:
             if r.status == 200 and not r.explain:
-                r.body = result(r.score, self.cfg, self.metadata)  # type: ignore[arg-type]
+                r.body = result(r.score, self.cfg, self.metadata, r.checks)  # type: ignore[arg-type]
         explain = [r for r in requests if r.status == 200 and r.explain]
         if explain:
             t0 = time.perf_counter()
@@ -183,7 +187,7 @@ class MelanomaHandler(BaseHandler):
                 self.explainer = load_explainer(self._archive)
             bodies = explain_images(self.explainer, [r.payload for r in requests], [r.score for r in requests],
                                     self.metadata, [r.overlay for r in requests],
-                                    [r.tensor for r in requests])  # type: ignore[misc]
+                                    [r.tensor for r in requests], [r.checks for r in requests])  # type: ignore[misc]
         except InputError as e:
             self._fail(requests, {"error": str(e), "code": e.status})
             return

@@ -106,6 +106,12 @@ class PipelineConfig:
 
 def decode_image(data: bytes | bytearray | memoryview, cfg: PipelineConfig) -> np.ndarray:
     """Decode image bytes to an HxWx3 uint8 RGB array, EXIF orientation applied."""
+    return decode(data, cfg)[0]
+
+
+def decode(data: bytes | bytearray | memoryview, cfg: PipelineConfig) -> tuple[np.ndarray, tuple[int, int]]:
+    """decode_image, and the photo's (width, height) as sent, EXIF orientation applied: a JPEG may be decoded
+    at a reduced scale, and the input checks judge the resolution of the photo, not of its decoding."""
     if not data:
         raise InputError(f"empty request body: send the image bytes ({FORMAT_NAMES})")
     try:
@@ -128,7 +134,8 @@ def decode_image(data: bytes | bytearray | memoryview, cfg: PipelineConfig) -> n
             f"the limit is {cfg.max_image_pixels / 1e6:.0f} megapixels",
             413,
         )
-    if cfg.reduced_decode and im.format in ("JPEG", "MPO"):
+    drafted = cfg.reduced_decode and im.format in ("JPEG", "MPO")
+    if drafted:
         # Pillow picks the largest 1/2, 1/4 or 1/8 scale keeping both sides >= the requested size.
         side = 2 * cfg.image_size
         im.draft("RGB", (side, side))
@@ -140,7 +147,11 @@ def decode_image(data: bytes | bytearray | memoryview, cfg: PipelineConfig) -> n
         raise
     except Exception as e:
         raise InputError(f"corrupt or truncated image data ({im.format}): {e}") from None
-    return rgb
+    if not drafted:
+        height, width = rgb.shape[:2]
+    elif width != height and (rgb.shape[1] > rgb.shape[0]) != (width > height):
+        width, height = height, width  # turned a quarter by its EXIF orientation
+    return rgb, (width, height)
 
 
 def _to_rgb(im: Image.Image) -> np.ndarray:
@@ -242,19 +253,35 @@ class Scorer:
         self.model = model
         self.cfg = cfg
 
-    def logits(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        """(views*N) x 1 float32 logits, view-major. All views of all images go through ONE forward pass."""
-        x = torch.stack(list(tensors))
-        batch = tta_views(x, self.cfg.tta_views).contiguous()
+    def outputs(self, tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, np.ndarray | None]:
+        """(views*N) x 1 float32 logits, view-major, and N x D pooled features averaged over the views (float64;
+        None for a model that returns logits only). All views of all images go through ONE forward pass; the
+        features are that pass's own second output (exporter/export.py: LogitAndFeatures), so the logits, and
+        with them the score, are the same whether or not anything reads the features."""
+        n = len(tensors)
+        batch = tta_views(torch.stack(list(tensors)), self.cfg.tta_views).contiguous()
         with torch.inference_mode():
-            return self.model(batch).float()
+            out = self.model(batch).float()
+        if out.ndim != 2 or out.shape[0] != self.cfg.tta_views * n:
+            raise RuntimeError(f"model returned shape {tuple(out.shape)}, expected ({self.cfg.tta_views * n}, 1 + D)")
+        if out.shape[1] == 1:
+            return out, None
+        features = out[:, 1:].double().reshape(self.cfg.tta_views, n, -1).mean(dim=0).numpy()
+        return out[:, :1].contiguous(), features
+
+    def logits(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.outputs(tensors)[0]
+
+    def score_and_features(self, tensors: Sequence[torch.Tensor]) -> tuple[list[Score], np.ndarray | None]:
+        if not tensors:
+            return [], None
+        logits, features = self.outputs(tensors)
+        raw = view_probabilities(logits, len(tensors), self.cfg.tta_views)
+        calibrated = calibrate(raw, self.cfg.temperature)
+        return [Score(p, r) for p, r in zip(calibrated.tolist(), raw.tolist(), strict=True)], features
 
     def score(self, tensors: Sequence[torch.Tensor]) -> list[Score]:
-        if not tensors:
-            return []
-        raw = view_probabilities(self.logits(tensors), len(tensors), self.cfg.tta_views)
-        calibrated = calibrate(raw, self.cfg.temperature)
-        return [Score(p, r) for p, r in zip(calibrated.tolist(), raw.tolist(), strict=True)]
+        return self.score_and_features(tensors)[0]
 
     def predict(self, tensors: Sequence[torch.Tensor]) -> list[float]:
         """The served probabilities (calibrated when the archive is)."""

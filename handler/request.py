@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from handler.pipeline import InputError, Score
@@ -106,10 +107,13 @@ class Request:
     slot: int  # TorchServe's index for this request's headers, status and content type
     payload: bytes = b""
     tensor: torch.Tensor | None = None
+    resized: np.ndarray | None = None  # the model's input as uint8 RGB, for the input checks
+    size: tuple[int, int] = (0, 0)  # the photo's (width, height) as sent
     explain: bool = False
     overlay: bool = False
     error: InputError | None = None
     score: Score | None = None  # set by the forward pass
+    checks: dict[str, Any] | None = None  # handler/checks.py run_checks, set with the score
     body: dict[str, Any] = field(default_factory=dict)
     status: int = 200
     inline: bool = False  # an instance of TorchServe's KServe envelope: answered as a dict, errors inline

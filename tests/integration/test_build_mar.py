@@ -33,6 +33,9 @@ def test_demo_archive_contents(demo_archive: Path) -> None:
     assert {"model.pt", "explain.pt", "metadata.json", "model-config.yaml", "melanoma_handler.py",
             "handler/pipeline.py", "handler/explain.py"} <= names
     assert meta["explain"] == {"file": "explain.pt", "method": "layer-cam", "layer": "layer3"}
+    # the model's second output (pooled stages for the input checks); no validation set: no OOD fit, no ood.npz
+    assert meta["checks"]["features"] == {"layer2": 512, "layer3": 1024, "layer4": 2048}
+    assert meta["checks"]["ood"] is None and "ood.npz" not in names
     assert meta["demo"] is True and meta["architecture"] == "resnest50_fast_4s1x64d" and meta["head"] == "sigmoid"
     assert len(meta["weights_sha256"]) == 64 and meta["versions"]["torch"].startswith("2.13.0")
     assert {"created_at", "source_file", "model_file", "model_sha256"} <= set(meta)

@@ -4,14 +4,18 @@ labelled validation set, served by real TorchServe, scored offline and evaluated
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from exporter.calibration import fit_temperature, score_validation_set
 from exporter.checkpoint import load_checkpoint
@@ -20,6 +24,8 @@ from handler.archive import LoadedArchive, load_archive
 from handler.pipeline import PipelineConfig, load_tensor, view_probabilities
 from isic.labels import read_label_rows
 from testkit.harness import ROOT, Server, run_build, serve_archive, stop_server
+from testkit.imaging import encode
+from testkit.nonlesion import nonlesion_images
 from testkit.variants import as_lightning, scaled
 from train.synthetic import write_dataset
 
@@ -170,3 +176,38 @@ def test_old_option_names_still_work(tmp_path: Path, validation_data: Path) -> N
     assert "--calibration-dir is now --validation-images" in proc.stderr
     assert f"--validation-images {tmp_path / 'nowhere'} does not exist" in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def _same_checks(got: dict, want: dict) -> None:
+    """Served and offline checks: the same verdicts and sentences, the same numbers (to their rounding)."""
+    assert got["passed"] == want["passed"] and got["warnings"] == want["warnings"]
+    for name in ("resolution", "blur", "exposure", "out_of_distribution"):
+        assert got[name]["flagged"] == want[name]["flagged"], name
+    assert abs(got["out_of_distribution"]["distance"] - want["out_of_distribution"]["distance"]) <= 1e-3
+    assert got["blur"] == want["blur"] and got["exposure"] == want["exposure"]
+
+
+def test_served_input_checks_are_the_offline_ones(served: Server, offline: LoadedArchive, heldout_data: Path,
+                                                   calibrated: tuple[Path, str]) -> None:
+    """#18 item 3 through real TorchServe: every response carries `checks`; non-lesion pictures are flagged out
+    of distribution, held-out lesions are not, a tiny photo is flagged for its resolution."""
+    ood = offline.metadata.checks["ood"]
+    assert ood is not None and ood["images"] == 96 and offline.ood is not None
+    assert "out-of-distribution check: fitted on 96 validation images" in calibrated[1]
+    assert "blur flags 0" in calibrated[1]
+    lesions = [p.read_bytes() for p in sorted((heldout_data / "jpeg").glob("*.jpg"))[:4]]
+    others = [encode(im, "PNG") for kind, im in nonlesion_images(1, seed=3) if kind != "flat"]
+    rgb = np.asarray(Image.open(io.BytesIO(lesions[0])).convert("RGB"))
+    tiny = encode(cv2.resize(rgb, (48, 48), interpolation=cv2.INTER_AREA), "PNG")
+    flagged = []
+    for data in lesions + others + [tiny]:
+        r = served.predict(data)
+        assert r.status_code == 200, r.text
+        body, want = r.json(), offline.score(data)
+        _same_checks(body["checks"], want["checks"])
+        assert abs(body["probability"] - want["probability"]) <= SERVED_DP  # the checks do not touch the score
+        flagged.append(body["checks"]["out_of_distribution"]["flagged"])
+    assert sum(flagged[:4]) <= 1  # out-of-fold limit at the 99th percentile: ~1-2 % of lesions are flagged
+    assert all(flagged[4:-1])
+    c = served.predict(tiny).json()["checks"]
+    assert c["resolution"]["flagged"] and not c["passed"] and "smaller than the model's 128 px" in c["warnings"][0]

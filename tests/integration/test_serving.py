@@ -44,7 +44,16 @@ def test_response_schema(server: Server, offline: LoadedArchive) -> None:
     assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
     body = r.json()
     assert set(body) == {"probability", "raw_score", "label", "threshold", "operating_point", "calibration",
-                         "tta_views", "model", "warning"}
+                         "tta_views", "model", "checks", "warning"}
+    # input checks on a 320x240 lesion photo: resolution, sharpness and exposure pass; no validation set, no OOD fit
+    checks = body["checks"]
+    assert checks["resolution"] == {"flagged": False, "width": 320, "height": 240, "min_side": 128}
+    assert not checks["blur"]["flagged"] and checks["blur"]["sharpness"] > checks["blur"]["min_sharpness"]
+    assert not checks["exposure"]["flagged"] and 40 <= checks["exposure"]["median_luminance"] <= 235
+    assert checks["out_of_distribution"]["flagged"] is None and "--validation-images" in \
+        checks["out_of_distribution"]["reason"]
+    assert checks["passed"] and checks["warnings"] == []
+    assert checks == offline.score(encode(lesion_rgb(seed=1)))["checks"]
     assert 0.0 < body["probability"] < 1.0 and body["raw_score"] == body["probability"]  # not calibrated
     assert body["calibration"] == {"method": "none"}
     assert body["operating_point"] == {"threshold": 0.5, "chosen_for": "fixed threshold (build_mar.sh --threshold)"}
