@@ -220,7 +220,7 @@ class _Plot:
 
 
 def reliability_png(labels: dict[str, int], scores: dict[str, float], path: Path, title: str,
-                    bins: int = 10) -> None:
+                    bins: int = metrics.ECE_BINS) -> None:
     """Reliability diagram: per equal-width probability bin, the observed melanoma frequency against the mean
     predicted probability (on the diagonal when calibrated); each dot's area follows its bin's image count."""
     c = _Plot(labels, scores, title, "mean predicted probability", "observed melanoma frequency")
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     roc_png(labels, scores, out / "roc.png", f"ROC, AUC {summary.get('auc', float('nan')):.4f}"
             + ("  (DEMO MODEL: meaningless)" if demo else ""), marks)
     reliability_png(labels, scores, out / "reliability.png",
-                    f"Reliability, ECE {summary.get('ece', float('nan')):.4f} (15 bins)"
+                    f"Reliability, ECE {summary.get('ece', float('nan')):.4f} ({metrics.ECE_BINS} bins, as drawn)"
                     + ("  (DEMO MODEL: meaningless)" if demo else ""))
     print_report(summary, out)
     # Exit 1 when the report is incomplete: an image could not be scored, or the AUC is undefined.
@@ -359,7 +359,7 @@ def print_report(s: dict[str, Any], out: Path) -> None:
         (slo, shi), (plo, phi) = s["sensitivity_at_threshold_95ci"], s["specificity_at_threshold_95ci"]
         print(f"at threshold {s['threshold']:.4f}: sensitivity {s['sensitivity_at_threshold']:.3f} (95% CI "
               f"{slo:.3f}-{shi:.3f}), specificity {s['specificity_at_threshold']:.3f} (95% CI {plo:.3f}-{phi:.3f})")
-        print(f"calibration: ECE {s['ece']:.4f} (15 bins), Brier {s['brier']:.4f}")
+        print(f"calibration: ECE {s['ece']:.4f} ({metrics.ECE_BINS} bins), Brier {s['brier']:.4f}")
         for k in ("95", "90"):
             t = s[f"threshold_for_{k}_sensitivity"]
             print(f"threshold for >= {k}% sensitivity: {t['threshold']:.4f} (sensitivity {t['sensitivity']:.3f}, "

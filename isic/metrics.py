@@ -75,7 +75,10 @@ def threshold_for_specificity(y: np.ndarray, p: np.ndarray, specificity: float) 
     return t, s, sp
 
 
-def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 15) -> float:
+ECE_BINS = 15  # equal-width bins of ECE, and of the reliability diagram that shows it (client/evaluate.py)
+
+
+def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = ECE_BINS) -> float:
     """ECE: the |mean predicted - observed frequency| of equal-width probability bins, weighted by their size."""
     y = np.asarray(y, dtype=np.float64)
     p = np.asarray(p, dtype=np.float64)
