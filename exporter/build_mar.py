@@ -260,13 +260,16 @@ def build(args: argparse.Namespace) -> Path:
                                       QualityLimits.from_mapping(checks["limits"]))
         del served
         release_memory()
-        assert scores.features is not None  # every model this build exports returns them
-        ood, checks["ood"] = fit_ood(scores.features, list(sizes), list(sizes.values()), scores.groups,
-                                     args.ood_percentile)
-        checks["ood"]["file"] = OOD_FILE
-        print(f"out-of-distribution check: fitted on {len(scores.names)} validation images, flags a distance "
-              f"above {checks['ood']['threshold']:.3f} (the {args.ood_percentile:g}th percentile out of fold)",
-              file=sys.stderr)
+        if scores.features is None:
+            print("out-of-distribution check: not available: this checkpoint is a TorchScript file without "
+                  "ResNeSt's stages, so its model returns the logit alone", file=sys.stderr)
+        else:
+            ood, checks["ood"] = fit_ood(scores.features, list(sizes), list(sizes.values()), scores.groups,
+                                         args.ood_percentile)
+            checks["ood"]["file"] = OOD_FILE
+            print(f"out-of-distribution check: fitted on {len(scores.names)} validation images, flags a distance "
+                  f"above {checks['ood']['threshold']:.3f} (the {args.ood_percentile:g}th percentile out of fold)",
+                  file=sys.stderr)
         checks["validation_flagged"] = scores.quality_flagged
         print("input checks on the validation images: " + ", ".join(
             f"{k} flags {v}" for k, v in scores.quality_flagged.items()) + f" of {len(scores.names)}", file=sys.stderr)

@@ -77,9 +77,28 @@ class LogitAndFeatures(nn.Module):
         return torch.cat([logit, *pooled], dim=1)
 
 
+RESNEST_PARTS = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool", "fc")
+
+
+def has_stages(module: nn.Module) -> bool:
+    """A module LogitAndFeatures can spell out: ResNeSt's parts by name. Not so a frozen or foreign TorchScript
+    checkpoint (exporter/checkpoint.py serves such a script as it is): its archive returns the logit alone, and
+    the out-of-distribution check says it cannot run."""
+    return all(hasattr(module, name) for name in RESNEST_PARTS)
+
+
+def served_module(ckpt: LoadedCheckpoint) -> nn.Module:
+    """What an archive's model computes: logit and pooled features where the network has stages, else the logit."""
+    if has_stages(ckpt.module):
+        return LogitAndFeatures(ckpt.module, ckpt.outputs).eval()
+    return MalignancyLogit(ckpt.module, ckpt.outputs).eval()
+
+
 def eager_outputs(eager: MalignancyLogit, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The eager model's logits through its own forward, and each FEATURE_STAGES output pooled (hooks): the
     reference LogitAndFeatures is verified against."""
+    if not has_stages(eager.model):
+        return eager(x).float(), []
     seen: dict[str, torch.Tensor] = {}
     handles = [getattr(eager.model, name).register_forward_hook(
         lambda _m, _a, out, name=name: seen.__setitem__(name, out.float().mean(dim=(2, 3))))
@@ -93,7 +112,9 @@ def eager_outputs(eager: MalignancyLogit, x: torch.Tensor) -> tuple[torch.Tensor
 
 
 def feature_sizes(ckpt: LoadedCheckpoint) -> dict[str, int]:
-    """{stage: channels} of FEATURE_STAGES, in the order the model's feature output holds them."""
+    """{stage: channels} of FEATURE_STAGES, in the order the model's feature output holds them ({}: none)."""
+    if not has_stages(ckpt.module):
+        return {}
     with torch.inference_mode():
         _, feats = eager_outputs(MalignancyLogit(ckpt.module, ckpt.outputs).eval(), torch.zeros(1, 3, 64, 64))
     return {name: int(f.shape[1]) for name, f in zip(FEATURE_STAGES, feats, strict=True)}
@@ -165,7 +186,7 @@ def export_torchscript(ckpt: LoadedCheckpoint, image_size: int) -> bytes:
     eager = MalignancyLogit(ckpt.module, ckpt.outputs).eval()
     example = torch.randn(2, 3, image_size, image_size)
     with torch.inference_mode():
-        traced = torch.jit.trace(LogitAndFeatures(ckpt.module, ckpt.outputs).eval(), example, check_trace=False)
+        traced = torch.jit.trace(served_module(ckpt), example, check_trace=False)
     frozen = torch.jit.freeze(traced.eval())
     buf = io.BytesIO()
     torch.jit.save(frozen, buf)
@@ -256,7 +277,8 @@ def export_bf16(ckpt: LoadedCheckpoint, image_size: int,
             verify(reference, load_model(data, "bf16"), image_size, BF16_RELATIVE, "bf16 model (from the cache)")
             print(f"bf16: compiled package reused from {cached}", file=sys.stderr)
             return data, info
-    eager = Bfloat16Logit(LogitAndFeatures(copy.deepcopy(reference.model), reference.outputs)).eval()
+    eager = Bfloat16Logit(served_module(LoadedCheckpoint(copy.deepcopy(reference.model), reference.outputs,
+                                                         ckpt.form, ckpt.sha256, []))).eval()
     example = torch.randn(8, 3, image_size, image_size)
     # A private Inductor cache: nothing from an earlier build is reused, nothing is left behind in /tmp.
     with tempfile.TemporaryDirectory(prefix="melanoma-aoti.") as tmp, temporary_cache_dir(tmp):
@@ -303,7 +325,7 @@ def export_openvino(ckpt: LoadedCheckpoint, image_size: int) -> tuple[bytes, dic
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript-based exporter: the one that
         # needs no extra package and exports this traced network as it is served
         path = os.path.join(tmp, "model.onnx")
-        torch.onnx.export(LogitAndFeatures(ckpt.module, ckpt.outputs).eval(), (example,), path, input_names=["x"],
+        torch.onnx.export(served_module(ckpt), (example,), path, input_names=["x"],
                           output_names=["logit_and_features"], opset_version=17,
                           dynamic_axes={"x": {0: "batch"}, "logit_and_features": {0: "batch"}}, dynamo=False)
         data = Path(path).read_bytes()

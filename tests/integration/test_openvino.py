@@ -70,8 +70,9 @@ def test_openvino_scores_what_torchscript_scores(weights: str, ov_store: Path, a
     with torch.inference_mode():
         ref = offline_of.scorer.model(x).float()
         got = ov.scorer.model(x).float()
+    assert got.shape == ref.shape == (len(x), 1 + 512 + 1024 + 2048)  # the logit, then the pooled stages
+    ref, got = ref[:, :1], got[:, :1]
     scale = max(1.0, float(ref.abs().median()))
-    assert got.shape == ref.shape
     assert bool(((got - ref).abs() <= 2 * RTOL * (ref.abs() + scale)).all()), float((got - ref).abs().max())
     # sigmoid is 1/4-Lipschitz: the logit bound above, averaged over each image's views, in probability
     views = ref.reshape(cfg.tta_views, -1).abs()

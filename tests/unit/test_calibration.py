@@ -14,6 +14,7 @@ from exporter.calibration import (
     calibration_record,
     fit_temperature,
     operating_point,
+    score_validation_set,
 )
 from handler.archive import ArchiveError, ArchiveMetadata, check_contract, result
 from handler.pipeline import PipelineConfig, Score, Scorer, view_probabilities
@@ -189,3 +190,46 @@ def test_reliability_diagram_puts_each_bin_where_it_belongs(tmp_path) -> None:  
     assert abs(fx - 0.95) < 0.03 and abs(fy - 0.0) < 0.03
     fx, fy = red_centre({n: int(k < 5) for k, n in enumerate(names)}, {n: 0.05 for n in names})
     assert abs(fx - 0.05) < 0.03 and abs(fy - 0.05) < 0.03
+
+
+def _flip(y: np.ndarray, rate: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    out = y.copy()
+    flipped = rng.random(len(y)) < rate
+    out[flipped] = 1 - out[flipped]
+    return out
+
+
+@pytest.mark.slow
+def test_trained_fixture_x3_head_with_label_noise(trained_checkpoint, tmp_path) -> None:  # noqa: ANN001
+    """The issue's acceptance on the trained fixture. It separates its synthetic task perfectly, so on clean
+    labels a x3 head is sharper *and still right* (held-out ECE ~0.004) and there is nothing to correct. With
+    30 % of the labels flipped (validation and held-out independently) every image's true frequency is 0.3 or
+    0.7 and the x3 head is over-confident: the temperature fitted on 96 validation images is within 10 % of 3
+    times the fixture's own, and it at least halves the held-out ECE on 384 images, for every flip seed.
+    At 20 % it halved for half of 20 seeds (median ratio 0.51): the fixture's near-binary scores leave a
+    residual ECE of ~0.1 that no single temperature removes (docs/CALIBRATION.md)."""
+    from exporter.checkpoint import load_checkpoint
+    from exporter.export import export_torchscript
+    from handler.archive import load_model
+    from train.synthetic import write_dataset
+
+    cfg = PipelineConfig()
+    model = load_model(export_torchscript(load_checkpoint(trained_checkpoint), cfg.image_size))
+    sets = {}
+    for name, n, seed in (("validation", 96, 2), ("heldout", 384, 3)):
+        write_dataset(tmp_path / name, n, seed=seed)
+        sets[name] = score_validation_set(model, cfg, tmp_path / name / "jpeg", tmp_path / name / "train.csv")
+    v, h = sets["validation"], sets["heldout"]
+    for rate, seeds, must_halve in ((0.3, range(5), True), (0.2, range(5), False)):
+        for seed in seeds:
+            vy, hy = _flip(v.y, rate, 100 + seed), _flip(h.y, rate, 200 + seed)
+            base = fit_temperature(ValidationScores(v.names, vy, v.groups, v.logits, []))
+            t3 = fit_temperature(ValidationScores(v.names, vy, v.groups, v.logits * 3, []))
+            hot = ValidationScores(h.names, hy, h.groups, h.logits * 3, [])
+            before = metrics.expected_calibration_error(hy, hot.probabilities())
+            after = metrics.expected_calibration_error(hy, hot.probabilities(t3))
+            print(f"noise {rate} seed {seed}: T x3 / T = {t3 / base:.3f}; held-out ECE {before:.4f} -> {after:.4f}")
+            assert abs(t3 / base / 3 - 1) <= 0.1
+            if must_halve:
+                assert after <= 0.5 * before
