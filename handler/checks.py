@@ -140,7 +140,8 @@ class OodModel:
                        float(z["threshold"]), float(z["percentile"]))
 
 
-NO_FEATURES = "this archive's model returns no features (built before input checks): rebuild it with ./build_mar.sh"
+NO_FEATURES = ("this archive's model returns no features (built before input checks, or from a TorchScript checkpoint "
+               "without ResNeSt's stages): rebuild it with ./build_mar.sh from a ResNeSt checkpoint")
 NO_OOD = "not fitted: build the archive with --validation-images and --validation-labels"
 
 
