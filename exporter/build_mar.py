@@ -251,13 +251,13 @@ def build(args: argparse.Namespace) -> Path:
         model_bytes, model_file = reduced, BF16_MODEL_FILE
     calibration = op = ood = None
     sizes = feature_sizes(ckpt)
-    checks: dict[str, Any] = {"limits": QualityLimits(min_side=cfg.image_size).to_mapping(), "features": sizes,
-                              "ood": None}
+    limits = QualityLimits(min_side=cfg.image_size)
+    checks: dict[str, Any] = {"limits": limits.to_mapping(), "features": sizes, "ood": None}
     if args.validation_images and args.validation_labels:
         # On the model exactly as it will be served: its precision, its runtime, its load path.
         served = load_model(model_bytes, precision["name"], str(precision.get("format", "torchscript")))
         scores = score_validation_set(served, cfg, Path(args.validation_images), Path(args.validation_labels),
-                                      QualityLimits.from_mapping(checks["limits"]))
+                                      limits)
         del served
         release_memory()
         if scores.features is None:

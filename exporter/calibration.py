@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from handler.checks import QualityLimits, quality
-from handler.pipeline import InputError, Model, PipelineConfig, Scorer, decode, resize, to_tensor, view_probabilities
+from handler.pipeline import InputError, Model, PipelineConfig, Scorer, prepare, view_probabilities
 from isic import metrics
 from isic.labels import LabelError, find_images, read_label_rows
 
@@ -81,10 +81,9 @@ def score_validation_set(model: Model, cfg: PipelineConfig, images: Path, labels
         if r.name not in paths:
             continue
         try:
-            rgb, (width, height) = decode(paths[r.name].read_bytes(), cfg)
-            small = resize(rgb, cfg)
-            batch.append(to_tensor(small, cfg))
-            for check, verdict in quality(width, height, small, limits).items():
+            prepared = prepare(paths[r.name].read_bytes(), cfg)
+            batch.append(prepared.tensor)
+            for check, verdict in quality(*prepared.size, prepared.resized, limits).items():
                 flagged[check] = flagged.get(check, 0) + int(verdict["flagged"])
         except (InputError, OSError):
             skipped.append(r.name)

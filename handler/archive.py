@@ -14,6 +14,7 @@ import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import torch
 import yaml
 
 from handler.checks import OOD_FILE, OOD_METHOD, OodModel, QualityLimits, run_checks
-from handler.pipeline import Model, PipelineConfig, Score, Scorer, decode, resize, to_tensor
+from handler.pipeline import Model, PipelineConfig, Score, Scorer, prepare
 
 DEMO_WARNING = (
     "DEMO MODEL: untrained weights from a fixed seed. This score means nothing; "
@@ -373,17 +374,16 @@ class LoadedArchive:
     source: Path
     ood: OodModel | None = None
 
-    @property
-    def limits(self) -> QualityLimits:
+    @cached_property
+    def limits(self) -> QualityLimits:  # parsed once, not per request
         return QualityLimits.from_mapping(self.metadata.checks["limits"])
 
     def score(self, data: bytes) -> dict[str, Any]:
         """The served response for one image: score and input checks, as the handler answers."""
-        rgb, (width, height) = decode(data, self.cfg)
-        small = resize(rgb, self.cfg)
-        (score,), features = self.scorer.score_and_features([to_tensor(small, self.cfg)])
+        prepared = prepare(data, self.cfg)
+        (score,), features = self.scorer.score_and_features([prepared.tensor])
         return result(score, self.cfg, self.metadata,
-                      self.checks(width, height, small, None if features is None else features[0]))
+                      self.checks(*prepared.size, prepared.resized, None if features is None else features[0]))
 
     def checks(self, width: int, height: int, resized: Any, features: Any) -> dict[str, Any]:
         """run_checks for one image; `features`: its row of Scorer.score_and_features' (None: a logit-only model)."""

@@ -201,6 +201,19 @@ def preprocess(rgb: np.ndarray, cfg: PipelineConfig) -> torch.Tensor:
     return to_tensor(resize(rgb, cfg), cfg)
 
 
+class Prepared(NamedTuple):
+    tensor: torch.Tensor  # 3xSxS float32, what the model scores
+    resized: np.ndarray  # SxSx3 uint8, what the input checks measure
+    size: tuple[int, int]  # the photo's (width, height) as sent
+
+
+def prepare(data: bytes | bytearray | memoryview, cfg: PipelineConfig) -> Prepared:
+    """decode -> resize -> tensor, keeping what the input checks need (handler/checks.py)."""
+    rgb, size = decode(data, cfg)
+    small = resize(rgb, cfg)
+    return Prepared(to_tensor(small, cfg), small, size)
+
+
 def load_tensor(data: bytes | bytearray | memoryview, cfg: PipelineConfig) -> torch.Tensor:
     return preprocess(decode_image(data, cfg), cfg)
 
