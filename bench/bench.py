@@ -401,13 +401,16 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="seconds-long run: every figure, few repeats")
     ap.add_argument("--no-served", action="store_true", help="skip the TorchServe part")
     ap.add_argument("--precisions-only", action="store_true",
-                    help="with --bf16: only the side-by-side precision figures (in-process and served)")
+                    help="with --bf16/--int8: only the side-by-side precision figures (in-process and served)")
     ap.add_argument("--out", default=str(RESULTS / "latest.json"))
     ap.add_argument("--bf16", nargs="?", const="build", metavar="ARCHIVE",
                     help="also time a bf16 archive against the fp32 one, side by side (built from the demo "
                          "with generated calibration photos when no path is given)")
+    ap.add_argument("--int8", metavar="ARCHIVE",
+                    help="also time this --precision int8 archive against the fp32 one (--archive: the same weights "
+                         "in fp32), side by side")
     ap.add_argument("--inprocess-child", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--precision-child", nargs=2, metavar=("ARCHIVE", "THREADS"), help=argparse.SUPPRESS)
+    ap.add_argument("--precision-child", type=int, metavar="THREADS", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.smoke:
         args.repeats, args.load_requests = 2, 4
@@ -417,8 +420,8 @@ def main() -> int:
         print(json.dumps(inprocess(archive, args.inprocess_child, args.repeats)))
         return 0
     if args.precision_child:
-        other, n = args.precision_child
-        print(json.dumps(precisions({"fp32": archive, "bf16": Path(other)}, int(n), args.repeats)))
+        others = {k: Path(v) for k, v in (("bf16", args.bf16), ("int8", args.int8)) if v}
+        print(json.dumps(precisions({"fp32": archive, **others}, args.precision_child, args.repeats)))
         return 0
 
     if not archive.exists():
@@ -440,20 +443,25 @@ def main() -> int:
             print(proc.stderr, file=sys.stderr)
             return 1
         res["inprocess"].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    if args.bf16:
-        other = build_bf16_demo(Path(tempfile.mkdtemp(prefix="bench-bf16."))) if args.bf16 == "build" \
-            else Path(args.bf16)
+    if args.bf16 or args.int8:
+        others: dict[str, Path] = {}
+        if args.bf16:
+            others["bf16"] = build_bf16_demo(Path(tempfile.mkdtemp(prefix="bench-bf16."))) if args.bf16 == "build" \
+                else Path(args.bf16)
+        if args.int8:
+            others["int8"] = Path(args.int8)
         res["precisions"] = []
         for n in args.threads:
             proc = subprocess.run([sys.executable, __file__, "--archive", str(archive), "--repeats",
-                                   str(args.repeats), "--precision-child", str(other), str(n)],
+                                   str(args.repeats), "--precision-child", str(n),
+                                   *(a for k, v in others.items() for a in (f"--{k}", str(v)))],
                                   capture_output=True, text=True)
             if proc.returncode != 0:
                 print(proc.stderr, file=sys.stderr)
                 return 1
             res["precisions"].append(json.loads(proc.stdout.strip().splitlines()[-1]))
         if not args.no_served:
-            res["served_precisions"] = served_precisions({"fp32": archive, "bf16": other}, args.repeats)
+            res["served_precisions"] = served_precisions({"fp32": archive, **others}, args.repeats)
     if not args.no_served and not args.precisions_only:
         res["served"] = served(archive, args.repeats, args.load_requests)
     res["table"] = table(res)

@@ -91,7 +91,7 @@ def blocks(fns: dict[str, Callable[[], Any]], repeats: int, rounds: int = 3) -> 
 
 
 def child(archive: Path, onnx: Path | None, bf16: str | None, threads: int, repeats: int,
-          avx2: bool) -> dict[str, Any]:
+          avx2: bool, int8: str | None = None) -> dict[str, Any]:
     import torch
 
     from handler.archive import cpu_flags, load_archive
@@ -126,6 +126,10 @@ def child(archive: Path, onnx: Path | None, bf16: str | None, threads: int, repe
             b = load_archive(bf16, threads=threads)
             fns["aoti_bf16"] = lambda: b.scorer.model(x)
             logits["aoti_bf16"] = b.scorer.model(x).float().numpy()
+        if int8 is not None:  # also capped: oneDNN's int8 kernels dispatch at run time, like fp32's
+            q = load_archive(int8, threads=threads)
+            fns["aoti_int8"] = lambda: q.scorer.model(x)
+            logits["aoti_int8"] = q.scorer.model(x).float().numpy()
         if onnx is not None and not avx2:
             import onnxruntime as ort
             import openvino as ov
@@ -160,6 +164,8 @@ def run_child(args: argparse.Namespace, onnx: Path | None, threads: int, avx2: b
            "--repeats", str(args.repeats)] + (["--avx2-child"] if avx2 else [])
     cmd += ["--onnx", str(onnx)] if onnx and others else []
     cmd += ["--bf16", str(args.bf16)] if args.bf16 and others and not avx2 else []
+    int8 = args.int8_avx2 if avx2 and args.int8_avx2 else args.int8
+    cmd += ["--int8", str(int8)] if int8 and others else []
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode:
         sys.exit(f"runtimes: the {threads}-thread{' AVX2' if avx2 else ''} run failed:\n{proc.stderr[-3000:]}")
@@ -168,7 +174,8 @@ def run_child(args: argparse.Namespace, onnx: Path | None, threads: int, avx2: b
 
 LABELS = {"torchscript_fp32": "this project, TorchScript fp32 (default archive)",
           "onnxruntime_fp32": "ONNX Runtime, fp32", "openvino_f32": "OpenVINO, f32 (precision hint f32)",
-          "aoti_bf16": "this project, AOTInductor bf16 (--precision bf16)", "openvino_bf16": "OpenVINO, bf16"}
+          "aoti_bf16": "this project, AOTInductor bf16 (--precision bf16)", "openvino_bf16": "OpenVINO, bf16",
+          "aoti_int8": "this project, AOTInductor int8 (--precision int8)"}
 
 
 def table(res: dict[str, Any], cmd: str) -> str:
@@ -179,10 +186,12 @@ def table(res: dict[str, Any], cmd: str) -> str:
     lines = ["## Against other CPU runtimes (bench/runtimes.py)", "",
              f"Written by `{cmd}` on {res['when']}; {res['cpu']}, {os.cpu_count()} CPUs; do not edit by hand. "
              "8-view 128 px forward (one image's TTA batch), median ms; in brackets: time relative to the "
-             "runtime it competes with (fp32 against OpenVINO f32, bf16 against OpenVINO bf16); below 1.00 "
+             "runtime it competes with (fp32 against OpenVINO f32, bf16 against OpenVINO bf16, int8 against "
+             "our fp32); below 1.00 "
              "is faster. Versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()) + ".", "",
              f"| runtime | {head} | max abs logit diff vs served fp32 |", "|---" * (len(ts) + 2) + "|"]
-    rivals = {"torchscript_fp32": "openvino_f32", "onnxruntime_fp32": "openvino_f32", "aoti_bf16": "openvino_bf16"}
+    rivals = {"torchscript_fp32": "openvino_f32", "onnxruntime_fp32": "openvino_f32", "aoti_bf16": "openvino_bf16",
+              "aoti_int8": "torchscript_fp32"}
     for k, label in LABELS.items():
         if k not in runs[0]["ms"]:
             continue
@@ -205,6 +214,12 @@ def table(res: dict[str, Any], cmd: str) -> str:
                 cells.append("-")
         lines.append(f"| this project, TorchScript fp32, kernels capped at AVX2 (emulated t2.micro) | "
                      f"{' | '.join(cells)} | same model |")
+        if any("aoti_int8" in a["ms"] for a in avx2.values()):
+            cells = [f"{a['ms']['aoti_int8']:.0f} ({a['ms']['aoti_int8'] / a['ms']['torchscript_fp32']:.2f}x "
+                     "capped fp32)" if (a := avx2.get(r["threads"])) else "-" for r in runs]
+            diff = next(iter(avx2.values()))["max_abs_logit_diff"].get("aoti_int8", float("nan"))
+            lines.append(f"| this project, AOTInductor int8, kernels capped at AVX2 (emulated t2.micro) | "
+                         f"{' | '.join(cells)} | {diff:.1e} |")
         isa = next(iter(avx2.values()))["isa"]
         lines += ["", f"AVX2 column: {', '.join(f'{k}={v}' for k, v in AVX2_ENV.items())}; oneDNN reported "
                   f"`{isa}` in that process."]
@@ -218,16 +233,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--archive", type=Path, default=ROOT / "model_store" / "melanoma.mar")
     ap.add_argument("--bf16", nargs="?", const="build", metavar="ARCHIVE",
                     help="time a --precision bf16 archive beside OpenVINO bf16 (no ARCHIVE: build a demo one)")
+    ap.add_argument("--int8", metavar="ARCHIVE",
+                    help="time a --precision int8 archive (of the same weights as --archive) beside fp32, also in "
+                         "the AVX2 column")
+    ap.add_argument("--int8-avx2", metavar="ARCHIVE",
+                    help="for the AVX2 column, an int8 archive built for AVX2 (ATEN_CPU_CAPABILITY=avx2 "
+                         "ONEDNN_MAX_CPU_ISA=AVX2 ./build_mar.sh --precision int8 ...; docs/PRECISION.md)")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--no-avx2", action="store_true", help="skip the AVX2-capped column")
-    ap.add_argument("--report", type=Path, help="write the table into this markdown file (block 'runtimes')")
+    ap.add_argument("--report", type=Path, help="write the table into this markdown file (block --block)")
+    ap.add_argument("--block", default="runtimes", help="the report's block name (default runtimes)")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--avx2-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--onnx", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.archive, args.onnx, args.bf16, args.child, args.repeats, args.avx2_child)))
+        print(json.dumps(child(args.archive, args.onnx, args.bf16, args.child, args.repeats, args.avx2_child,
+                               args.int8)))
         return 0
     if not args.archive.exists():
         sys.exit(f"runtimes: {args.archive} does not exist: build it with ./build_mar.sh (or pass --archive)")
@@ -258,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
            "cpu": platform.processor() or cpu_model(), "runs": runs,
            "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
                         "openvino": openvino.__version__.split("-")[0]}}
-    cmd = "bench/runtimes.py" + (" --bf16" if args.bf16 else "")
+    cmd = "bench/runtimes.py" + (" --bf16" if args.bf16 else "") + (" --int8 INT8.mar" if args.int8 else "")
     text = table(res, cmd)
     print(text)
     out = ROOT / "bench" / "results"
@@ -267,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:
         from testkit.report import replace_block
 
-        replace_block(args.report, "runtimes", text)
+        replace_block(args.report, args.block, text)
     return 0
 
 

@@ -38,13 +38,14 @@ from exporter.export import (
     demo_checkpoint,
     export_bf16,
     export_explainer,
+    export_int8,
     export_openvino,
     export_torchscript,
     feature_sizes,
 )
 from exporter.ood import PERCENTILE, OodError
 from exporter.ood import fit as fit_ood
-from exporter.precision import INT8_REFUSAL, PrecisionError, calibration_images, measure
+from exporter.precision import PrecisionError, calibration_images, load_tensors, measure, split_for_int8
 from handler.archive import (
     BF16_MODEL_FILE,
     EXPLAIN_FILE,
@@ -102,8 +103,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-batch-delay", type=int, default=5, help="TorchServe maxBatchDelay in ms (default 5)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in the worker (0: all usable CPUs)")
     ap.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32",
-                    help="fp32 (default), or bf16: ~2x faster on CPUs with AVX512-BF16/AMX, measured on "
-                    "--validation-images first; compiled for this CPU and torch (needs g++)")
+                    help="fp32 (default); bf16: ~2x faster on CPUs with AVX512-BF16/AMX; int8: static, calibrated "
+                    "on a quarter of --validation-images. Both measured against fp32 on --validation-images "
+                    "first (int8 on the images it was not calibrated on); compiled for this CPU and torch (needs g++)")
     ap.add_argument("--runtime", choices=("torchscript", "openvino"), default="torchscript",
                     help="what runs the fp32 model: torchscript (default) or openvino (opt-in, faster on CPUs "
                          "measured; needs scripts/setup.sh --openvino)")
@@ -131,8 +133,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-delta", type=float, default=0.02,
                     help="refuse a reduced-precision archive whose max |dp| vs fp32 exceeds this (default 0.02)")
     ap.add_argument("--compile-cache", default=os.environ.get("MELANOMA_COMPILE_CACHE"), metavar="DIR",
-                    help="keep compiled bf16 packages in this private folder and reuse one when the weights, torch, "
-                    "compiler and CPU are the same (default: $MELANOMA_COMPILE_CACHE, else off)")
+                    help="keep compiled bf16/int8 packages in this private folder and reuse one when the weights, "
+                    "torch, compiler and CPU are the same (default: $MELANOMA_COMPILE_CACHE, else off)")
     ap.add_argument("--force-precision", action="store_true",
                     help="write the reduced-precision archive even above --max-delta")
     ap.add_argument("--no-explain", action="store_true",
@@ -220,8 +222,6 @@ def build(args: argparse.Namespace) -> Path:
     for note in ckpt.notes:
         print(f"  note: {note}", file=sys.stderr)
 
-    if args.precision == "int8":
-        raise BuildError(INT8_REFUSAL)
     if args.runtime == "openvino" and args.precision != "fp32":
         raise BuildError("--runtime openvino serves fp32 only; a bf16 archive runs on AOTInductor "
                          "(--precision bf16 without --runtime)")
@@ -229,10 +229,17 @@ def build(args: argparse.Namespace) -> Path:
         raise BuildError(f"--precision {args.precision} needs --validation-images: its scores must be measured "
                          "against fp32 on your own images before it is served")
     if args.precision != "fp32":
-        calibration_images(Path(args.validation_images))  # a wrong folder fails now, not after the compile
-        # Compile (about a minute) before anything else is exported, so that a machine without a
+        measured = calibration_images(Path(args.validation_images))  # a wrong folder fails now, not after the compile
+        calibrated_on = 0
+        # Compile (a minute or two) before anything else is exported, so that a machine without a
         # compiler fails in seconds.
-        reduced, compiled = export_bf16(ckpt, cfg.image_size, args.compile_cache)
+        if args.precision == "int8":
+            calibrate, measured = split_for_int8(measured)
+            tensors = load_tensors(calibrate, cfg)[0]
+            calibrated_on = len(tensors)
+            reduced, compiled = export_int8(ckpt, cfg.image_size, tensors, args.compile_cache)
+        else:
+            reduced, compiled = export_bf16(ckpt, cfg.image_size, args.compile_cache)
     precision: dict[str, Any] = {"name": "fp32"}
     model_file = MODEL_FILE
     if args.runtime == "openvino":
@@ -242,7 +249,7 @@ def build(args: argparse.Namespace) -> Path:
         model_bytes = export_torchscript(ckpt, cfg.image_size)
     if args.precision != "fp32":
         labels = Path(args.validation_labels) if args.validation_labels else None
-        agreement = measure(model_bytes, reduced, args.precision, cfg, Path(args.validation_images), labels)
+        agreement = measure(model_bytes, reduced, args.precision, cfg, measured, labels, calibrated_on)
         print(agreement.report(args.precision), file=sys.stderr)
         if agreement.max_abs_dp > args.max_delta and not args.force_precision:
             raise BuildError(f"{args.precision} differs from fp32 by up to {agreement.max_abs_dp:.4f} in probability "

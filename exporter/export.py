@@ -5,11 +5,12 @@ from __future__ import annotations
 import copy
 import hashlib
 import io
+import json
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +134,7 @@ class ExportError(Exception):
 # gross check: a bf16 archive's real agreement is measured in probability on the user's images
 # (exporter/precision.py, --max-delta).
 BF16_RELATIVE = 0.3
+COMPILED_RELATIVE = {"bf16": BF16_RELATIVE, "int8": BF16_RELATIVE}  # int8: measured below
 
 
 class Bfloat16Logit(nn.Module):
@@ -214,16 +216,20 @@ def cxx_compiler() -> str | None:
     return shutil.which(cxx) if cxx else shutil.which("g++") or shutil.which("c++")
 
 
-def compile_cache_key(reference: nn.Module, image_size: int, compiler: str, isa: object) -> str:
-    """What the compiled package depends on: the weights (every tensor's bytes), the export code (this file),
-    resnest, torch, the compiler and the vector ISA Inductor picked. Anything else changed, it compiles anew."""
+def compile_cache_key(reference: nn.Module, image_size: int, compiler: str, isa: object, precision: str = "bf16",
+                      extra: bytes = b"") -> str:
+    """What the compiled package depends on: the precision, the weights (every tensor's bytes), the export code
+    (this file and exporter/int8.py), resnest, torch, the compiler, the vector ISA Inductor picked, and `extra`
+    (int8: the calibration images and torchao). Anything else changed, it compiles anew."""
     from importlib import metadata
 
-    h = hashlib.sha256(b"melanoma-aoti-bf16-v1\0")
+    h = hashlib.sha256(f"melanoma-aoti-{precision}-v1\0".encode())
     for part in (torch.__version__, metadata.version("resnest"), os.path.realpath(compiler), str(isa),
                  " ".join(isa.build_arch_flags()) if isa else "", str(image_size)):
         h.update(part.encode() + b"\0")
     h.update(Path(__file__).read_bytes())
+    h.update(Path(__file__).with_name("int8.py").read_bytes())
+    h.update(extra)
     for name, t in reference.state_dict().items():
         t = t.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\0".encode())
@@ -245,13 +251,28 @@ def private_cache_dir(folder: str | Path) -> Path:
 
 def export_bf16(ckpt: LoadedCheckpoint, image_size: int,
                 cache: str | Path | None = None) -> tuple[bytes, dict[str, Any]]:
-    """The model in bf16, compiled ahead of time by AOTInductor into a .pt2 package.
+    """The model in bf16, compiled ahead of time by AOTInductor into a .pt2 package (export_compiled)."""
+    return export_compiled(ckpt, image_size, "bf16", cache)
+
+
+def export_int8(ckpt: LoadedCheckpoint, image_size: int, calibration: Sequence[torch.Tensor],
+                cache: str | Path | None = None) -> tuple[bytes, dict[str, Any]]:
+    """The model quantised to static int8 on `calibration` (exporter/int8.py), compiled like bf16."""
+    return export_compiled(ckpt, image_size, "int8", cache, calibration)
+
+
+def export_compiled(ckpt: LoadedCheckpoint, image_size: int, precision: str, cache: str | Path | None = None,
+                    calibration: Sequence[torch.Tensor] = ()) -> tuple[bytes, dict[str, Any]]:
+    """The model in a reduced precision (bf16, or int8 calibrated on `calibration`), compiled ahead of time
+    by AOTInductor into a .pt2 package, with weight freezing.
 
     Why not TorchScript: its best bf16 (channels-last, frozen) ran the 8-view forward only 1.6-1.9x faster
     than fp32 here, its fused-kernel paths (oneDNN Graph) 3x slower; Inductor fuses the split-attention
-    blocks' element-wise work and runs 1.9-2.2x (docs/PRECISION.md). The package holds native code for
-    this CPU's vector ISA and this torch: both are recorded, and the loader refuses a mismatch rather
-    than crash. Needs a C++ compiler now, none at serving time. Returns the package and what it needs.
+    blocks' element-wise work and runs 1.9-2.2x (docs/PRECISION.md); int8 exists only through PT2E, whose
+    speed is Inductor's (freezing folds the quantised weights into oneDNN's int8 convolutions). The package
+    holds native code for this CPU's vector ISA and this torch: both are recorded, and the loader refuses a
+    mismatch rather than crash. Needs a C++ compiler now, none at serving time. Returns the package and
+    what it needs.
 
     `cache` (opt-in, build_mar.sh --compile-cache): a private folder of packages by compile_cache_key, so a
     rebuild of the same weights (another threshold, bound or calibration set) skips the compile. A package
@@ -259,7 +280,7 @@ def export_bf16(ckpt: LoadedCheckpoint, image_size: int,
     """
     compiler = cxx_compiler()
     if compiler is None:
-        raise ExportError(f"--precision bf16 needs a C++ compiler to compile the model, and "
+        raise ExportError(f"--precision {precision} needs a C++ compiler to compile the model, and "
                           f"{os.environ.get('CXX') or 'g++'} was not found (sudo apt-get install g++, or set CXX)")
     import torch._inductor.config as inductor_config
     from torch._inductor import aoti_compile_and_package
@@ -267,19 +288,40 @@ def export_bf16(ckpt: LoadedCheckpoint, image_size: int,
     from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 
     reference = MalignancyLogit(ckpt.module, ckpt.outputs).eval()
+    relative = COMPILED_RELATIVE[precision]
     with inductor_config.patch({"cpp.cxx": (None, compiler)}):
         isa = pick_vec_isa()  # what the compile will target (it asks this compiler)
-    info = {"format": "aotinductor", "vec_isa": str(isa) if isa else "none",
-            "cpu_flags": cpu_flags_for(isa.build_arch_flags()) if isa else [], "torch": torch.__version__}
+    info: dict[str, Any] = {"format": "aotinductor", "vec_isa": str(isa) if isa else "none",
+                            "cpu_flags": cpu_flags_for(isa.build_arch_flags()) if isa else [],
+                            "torch": torch.__version__}
+    extra = b""
+    photos = None  # verify() on its generated images and noise
+    if precision == "int8":
+        from importlib import metadata
+
+        from handler.pipeline import tta_views
+
+        extra = metadata.version("torchao").encode() + b"".join(t.numpy().tobytes() for t in calibration)
+        # The user's own images, in their TTA views: what int8 was calibrated for (see verify()).
+        photos = tta_views(torch.stack(list(calibration)), 8)[:16].contiguous()
     cached = None
     if cache is not None:
-        cached = private_cache_dir(cache) / f"bf16-{compile_cache_key(reference, image_size, compiler, isa)}.pt2"
-        if cached.is_file():
+        key = compile_cache_key(reference, image_size, compiler, isa, precision, extra)
+        cached = private_cache_dir(cache) / f"{precision}-{key}.pt2"
+        if cached.is_file() and cached.with_suffix(".json").is_file():
             data = cached.read_bytes()
-            verify(reference, load_model(data, "bf16"), image_size, BF16_RELATIVE, "bf16 model (from the cache)")
-            print(f"bf16: compiled package reused from {cached}", file=sys.stderr)
-            return data, info
-    eager = Bfloat16Logit(served_module(copy.deepcopy(reference.model), reference.outputs)).eval()
+            verify(reference, load_model(data, precision), image_size, relative,
+                   f"{precision} model (from the cache)", photos)
+            print(f"{precision}: compiled package reused from {cached}", file=sys.stderr)
+            return data, {**info, **json.loads(cached.with_suffix(".json").read_text())}
+    served = served_module(copy.deepcopy(reference.model), reference.outputs).eval()
+    recipe: dict[str, Any] = {}
+    if precision == "bf16":
+        eager: nn.Module = Bfloat16Logit(served).eval()
+    else:
+        from exporter.int8 import quantize
+
+        eager, recipe = quantize(served, calibration, image_size)
     example = torch.randn(8, 3, image_size, image_size)
     # A private Inductor cache: nothing from an earlier build is reused, nothing is left behind in /tmp.
     with tempfile.TemporaryDirectory(prefix="melanoma-aoti.") as tmp, temporary_cache_dir(tmp):
@@ -291,14 +333,31 @@ def export_bf16(ckpt: LoadedCheckpoint, image_size: int,
             data = Path(path).read_bytes()
         except Exception as e:
             first = (str(e).strip().splitlines() or [""])[0][:300]
-            raise ExportError(f"AOTInductor could not compile the bf16 model: {type(e).__name__}: {first}") from None
+            raise ExportError(f"AOTInductor could not compile the {precision} model: {type(e).__name__}: "
+                              f"{first}") from None
     del eager, program
-    verify(reference, load_model(data, "bf16"), image_size, BF16_RELATIVE, "bf16 model")
-    if cached is not None:  # only a verified package is kept; written whole or not at all
-        tmp_file = cached.with_name(f".{cached.name}.{os.getpid()}")
-        tmp_file.write_bytes(data)
-        os.replace(tmp_file, cached)
-    return data, info
+    if precision == "int8":
+        recipe["int8_kernels"] = int8_kernels(data)
+        if not recipe["int8_kernels"]:  # without freezing, or a pattern Inductor no longer matches: fp32 in disguise
+            raise ExportError("AOTInductor did not turn the quantised model into int8 kernels (none in the "
+                              "generated code); it would run in fp32: nothing written")
+    verify(reference, load_model(data, precision), image_size, relative, f"{precision} model", photos)
+    if cached is not None:  # only a verified package is kept; each file written whole or not at all
+        for target, payload in ((cached.with_suffix(".json"), json.dumps(recipe).encode()), (cached, data)):
+            tmp_file = target.with_name(f".{target.name}.{os.getpid()}")
+            tmp_file.write_bytes(payload)
+            os.replace(tmp_file, target)
+    return data, {**info, **recipe}
+
+
+def int8_kernels(package: bytes) -> int:
+    """How many oneDNN int8 convolutions and linears the AOTInductor package's generated code calls."""
+    import re
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(package)) as z:
+        code = "".join(z.read(n).decode(errors="replace") for n in z.namelist() if n.endswith(".wrapper.cpp"))
+    return len(re.findall(r"aoti_torch_cpu__q(?:conv|conv2d|linear)_pointwise", code))
 
 
 def export_openvino(ckpt: LoadedCheckpoint, image_size: int) -> tuple[bytes, dict[str, Any]]:
@@ -428,15 +487,21 @@ def verification_images(image_size: int, n: int = 16) -> torch.Tensor:
 
 
 def verify(eager: nn.Module, exported: Callable[[torch.Tensor], torch.Tensor], image_size: int,
-           relative: float = RTOL, what: str = "TorchScript export") -> float:
+           relative: float = RTOL, what: str = "TorchScript export", photos: torch.Tensor | None = None) -> float:
     """Compare logits on realistic images and noise, in batches of 3 and 8, and TTA probabilities through
     the serving pipeline; ExportError when |dlogit| > relative x (|logit| + scale) (see RTOL) or when a
-    probability differs by more than that bound implies (sigmoid is 1/4-Lipschitz). Returns max |dlogit|."""
+    probability differs by more than that bound implies (sigmoid is 1/4-Lipschitz). Returns max |dlogit|.
+
+    `photos` (16 preprocessed images) replaces the generated images and drops the noise: for static int8,
+    whose activations are clipped to the ranges of its calibration images, so flat saturated colours and
+    noise are off by design (measured on the trained fixture: logit 120 served as 3)."""
     from handler.pipeline import tta_views, view_probabilities
 
-    photos = verification_images(image_size)
-    gen = torch.Generator().manual_seed(0)
-    noise = [torch.randn(n, 3, image_size, image_size, generator=gen) for n in VERIFY_BATCHES]
+    noise: list[torch.Tensor] = []
+    if photos is None:
+        photos = verification_images(image_size)
+        gen = torch.Generator().manual_seed(0)
+        noise = [torch.randn(n, 3, image_size, image_size, generator=gen) for n in VERIFY_BATCHES]
     batches = [photos[:3], photos[3:11], photos[11:], *noise]
     refs, gots, ref_feats, got_feats = [], [], [], []
     with torch.inference_mode():

@@ -14,11 +14,8 @@ from handler.pipeline import InputError, PipelineConfig, Scorer, load_tensor
 SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".mpo"}
 MIN_IMAGES = 20
 BATCH = 8  # images per forward (x8 TTA views)
-# int8 was measured and is not offered; the evidence is in docs/PRECISION.md.
-INT8_REFUSAL = ("int8 is not available: ResNeSt's split-attention defeats torch's FX quantisation "
-                "(symbolic tracing cannot iterate torch.split), and ONNX Runtime int8, 3.3x faster, missed "
-                "max |dp| <= 0.02 in every configuration tried (0.024-0.075); see docs/PRECISION.md. "
-                "Use --precision bf16")
+CALIBRATION_SHARE = 4  # int8: every 4th image calibrates the quantiser; agreement is measured on the others
+MAX_CALIBRATION_IMAGES = 64
 
 
 class PrecisionError(Exception):
@@ -34,12 +31,15 @@ class Agreement:
     auc_fp32: float | None
     auc_reduced: float | None
     labelled: int
+    calibrated_on: int = 0  # int8: images that calibrated the quantiser, none of them among `images`
 
     def to_mapping(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v is not None}
 
     def report(self, precision: str) -> str:
-        line = (f"{precision} vs fp32 on {self.images} calibration image(s): max |dp| {self.max_abs_dp:.4f}, "
+        which = (f"image(s) it was not calibrated on ({self.calibrated_on} others calibrated it)"
+                 if self.calibrated_on else "calibration image(s)")
+        line = (f"{precision} vs fp32 on {self.images} {which}: max |dp| {self.max_abs_dp:.4f}, "
                 f"mean |dp| {self.mean_abs_dp:.4f}")
         if self.auc_fp32 is not None:
             line += f"; AUC fp32 {self.auc_fp32:.4f}, {precision} {self.auc_reduced:.4f} ({self.labelled} labelled)"
@@ -58,6 +58,31 @@ def calibration_images(folder: Path) -> list[Path]:
     return files
 
 
+def split_for_int8(files: list[Path]) -> tuple[list[Path], list[Path]]:
+    """(calibrate, measure): int8's activation ranges are fitted on some of the user's images, so its agreement
+    is measured on the others; a figure on the images it was fitted to would flatter it."""
+    calibrate = files[::CALIBRATION_SHARE][:MAX_CALIBRATION_IMAGES]
+    chosen = set(calibrate)
+    measured = [f for f in files if f not in chosen]
+    if len(measured) < MIN_IMAGES:
+        need = MIN_IMAGES + -(-MIN_IMAGES // (CALIBRATION_SHARE - 1))
+        raise PrecisionError(f"--precision int8 needs at least {need} images ({len(files)} given): a quarter "
+                             f"calibrate the quantiser and at least {MIN_IMAGES} others measure it")
+    return calibrate, measured
+
+
+def load_tensors(files: list[Path], cfg: PipelineConfig) -> tuple[list[Any], list[Path], int]:
+    """Preprocessed tensors of the readable files, their paths, and how many could not be read."""
+    tensors, names, skipped = [], [], 0
+    for f in files:
+        try:
+            tensors.append(load_tensor(f.read_bytes(), cfg))
+            names.append(f)
+        except (InputError, OSError):
+            skipped += 1
+    return tensors, names, skipped
+
+
 def score(model_bytes: bytes, precision: str, tensors: list[Any], cfg: PipelineConfig) -> np.ndarray:
     scorer = Scorer(load_model(model_bytes, precision), cfg)
     out: list[float] = []
@@ -68,18 +93,13 @@ def score(model_bytes: bytes, precision: str, tensors: list[Any], cfg: PipelineC
     return np.array(out)
 
 
-def measure(fp32_bytes: bytes, reduced_bytes: bytes, precision: str, cfg: PipelineConfig, folder: Path,
-            labels_csv: Path | None = None) -> Agreement:
-    files = calibration_images(folder)
-    tensors, names, skipped = [], [], 0
-    for f in files:
-        try:
-            tensors.append(load_tensor(f.read_bytes(), cfg))
-            names.append(f)
-        except (InputError, OSError):
-            skipped += 1
+def measure(fp32_bytes: bytes, reduced_bytes: bytes, precision: str, cfg: PipelineConfig, files: list[Path],
+            labels_csv: Path | None = None, calibrated_on: int = 0) -> Agreement:
+    """Both models on `files` through the serving pipeline. `calibrated_on`: how many other images calibrated
+    the reduced model (int8), for the report."""
+    tensors, names, skipped = load_tensors(files, cfg)
     if len(tensors) < MIN_IMAGES:
-        raise PrecisionError(f"only {len(tensors)} readable image(s) in {folder}; at least {MIN_IMAGES} needed")
+        raise PrecisionError(f"only {len(tensors)} readable image(s) of {len(files)}; at least {MIN_IMAGES} needed")
     p32 = score(fp32_bytes, "fp32", tensors, cfg)
     pr = score(reduced_bytes, precision, tensors, cfg)
     d = np.abs(pr - p32)
@@ -99,4 +119,4 @@ def measure(fp32_bytes: bytes, reduced_bytes: bytes, precision: str, cfg: Pipeli
         labelled = len(idx)
         if labelled and 0 < y.sum() < labelled:
             auc32, aucr = metrics.auc(y, p32[idx]), metrics.auc(y, pr[idx])
-    return Agreement(len(tensors), skipped, float(d.max()), float(d.mean()), auc32, aucr, labelled)
+    return Agreement(len(tensors), skipped, float(d.max()), float(d.mean()), auc32, aucr, labelled, calibrated_on)

@@ -44,9 +44,9 @@ EXPLAIN_METHODS = ("layer-cam", "grad-cam")
 EXPLAIN_METHOD = "layer-cam"
 
 METADATA_SCHEMA = 1  # bump when metadata.json's keys or their meaning change; readers refuse other schemas
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "int8")
 # What runs the model, by precision: precision["format"] in metadata.json (absent for TorchScript fp32).
-RUNTIMES = {"fp32": ("torchscript", "openvino"), "bf16": ("aotinductor",)}
+RUNTIMES = {"fp32": ("torchscript", "openvino"), "bf16": ("aotinductor",), "int8": ("aotinductor",)}
 # Only through set-up: a bare `pip install -r requirements-openvino.txt` outside its .venv would resolve the
 # torch pin to PyPI's CUDA build (set-up installs the +cpu wheel first).
 OPENVINO_SETUP = "scripts/setup.sh --openvino"
@@ -116,7 +116,8 @@ class ArchiveMetadata:
             raise ArchiveError(f"{where}: precision must be an object whose name is one of {', '.join(PRECISIONS)}, "
                                f"got {self.precision!r}")
         if "format" in self.precision and self.runtime not in RUNTIMES[self.precision["name"]]:
-            raise ArchiveError(f"{where}: a {self.precision['name']} model runs on "
+            article = "an" if self.precision["name"][0] in "aeiou" else "a"
+            raise ArchiveError(f"{where}: {article} {self.precision['name']} model runs on "
                                f"{' or '.join(RUNTIMES[self.precision['name']])}, not {self.runtime!r}: rebuild the "
                                "archive with ./build_mar.sh")
         if self.explain is not None and not (isinstance(self.explain, dict)
@@ -187,10 +188,10 @@ def load_model(source: bytes | str | os.PathLike[str], precision: str = "fp32", 
 
     fp32: frozen TorchScript. The optimize-for-inference pass (oneDNN prepacked convolutions, conv-BN
     folding) measured ~15-25 % faster than the frozen module here, but its result cannot be saved and
-    reloaded, so it runs at load time. bf16: an AOTInductor package, compiled at build time (check_runtime
+    reloaded, so it runs at load time. bf16, int8: an AOTInductor package, compiled at build time (check_runtime
     says whether this machine can run it). The build verifies exactly this load path against the eager model.
     """
-    if precision == "bf16":
+    if precision in ("bf16", "int8"):
         return _load_aoti(source)
     if runtime == "openvino":
         return OpenVinoModel(source, torch.get_num_threads())
@@ -472,16 +473,17 @@ def check_runtime(precision: Mapping[str, Any], cpuinfo: str | None = None) -> N
         return
     if precision.get("name", "fp32") == "fp32":
         return
+    name = precision.get("name")
     if precision.get("format") != "aotinductor":
-        raise RuntimeError(f"this {precision.get('name')} archive was built by an earlier version in a format "
-                           "no longer served; rebuild it with ./build_mar.sh --precision bf16")
-    rebuild = "rebuild it on this machine (./build_mar.sh --precision bf16 ...) or use an fp32 archive"
+        raise RuntimeError(f"this {name} archive was built by an earlier version in a format "
+                           f"no longer served; rebuild it with ./build_mar.sh --precision {name}")
+    rebuild = f"rebuild it on this machine (./build_mar.sh --precision {name} ...) or use an fp32 archive"
     built_with = str(precision.get("torch", ""))
     if built_with != torch.__version__:
-        raise RuntimeError(f"this bf16 archive was compiled for torch {built_with}, this is torch "
+        raise RuntimeError(f"this {name} archive was compiled for torch {built_with}, this is torch "
                            f"{torch.__version__}: {rebuild}")
     have = cpu_flags(cpuinfo)
     missing = [f for f in precision.get("cpu_flags", []) if f not in have] if have else []
     if missing:
-        raise RuntimeError(f"this bf16 archive was compiled for CPUs with {', '.join(precision['cpu_flags'])}; "
+        raise RuntimeError(f"this {name} archive was compiled for CPUs with {', '.join(precision['cpu_flags'])}; "
                            f"this CPU lacks {', '.join(missing)}: {rebuild}")

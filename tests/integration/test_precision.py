@@ -174,7 +174,7 @@ def test_refused_above_the_bound_and_nothing_written(bf16_store: tuple[Path, str
 
 
 @pytest.mark.parametrize("args,words", [
-    (("--precision", "int8"), "int8 is not available"),
+    (("--precision", "int8"), "needs --validation-images"),
     (("--precision", "bf16"), "needs --validation-images"),
     (("--precision", "bf16", "--validation-images", "/nonexistent"), "does not exist"),
     (("--max-delta", "0"), "--max-delta must be between 0 and 1"),
@@ -182,6 +182,15 @@ def test_refused_above_the_bound_and_nothing_written(bf16_store: tuple[Path, str
 def test_bad_precision_options_fail_fast(args: tuple[str, ...], words: str, tmp_path: Path) -> None:
     proc = run_build(*args, output_dir=tmp_path, check=False)
     assert proc.returncode == 2 and words in proc.stderr.strip().splitlines()[-1]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_int8_needs_images_beyond_its_calibration(calibration: Path, tmp_path: Path) -> None:
+    """int8 is calibrated on a quarter of the images and measured on the rest: 24 leave too few to measure."""
+    proc = run_build("--precision", "int8", "--validation-images", str(calibration), "--no-explain",
+                     output_dir=tmp_path, check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "int8 needs at least 27 images (24 given)" in last, proc.stderr
     assert list(tmp_path.iterdir()) == []
 
 
