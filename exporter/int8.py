@@ -6,11 +6,12 @@ Two things this network needs that the quantiser does not do by itself:
 - resnest's blocks call one nn.ReLU module several times. The partitioner groups nodes by the module that
   made them (nn_module_stack) when a node has no `source_fn_stack`, merges those calls into one partition and
   fails with "Input partition has more than one output node". Each ReLU call gets its own entry.
+- 7-bit activations rather than the default 8 (see quantize()).
 
 Every convolution and linear layer is quantised. Keeping some in fp32 was measured on the trained fixture
-(docs/PRECISION.md) and did not buy agreement worth its time: the stem and head, the split-attention fc1/fc2,
-the downsampling convolutions, even all of layer3 or layer4 left the worst |dp| at 0.044-0.050 (0.046-0.051
-with none kept). KEEP_FP32 is where a layer would be named if one ever earns it.
+(docs/PRECISION.md, 8-bit activations) and did not buy agreement worth its time: the stem and head, the
+split-attention fc1/fc2, the downsampling convolutions, even all of layer3 or layer4 left the worst |dp| at
+0.044-0.050 (0.046-0.051 with none kept). KEEP_FP32 is where a layer would be named if one ever earns it.
 """
 
 from __future__ import annotations
@@ -48,10 +49,10 @@ def quantize(module: nn.Module, calibration: Sequence[torch.Tensor], image_size:
     (still to be compiled) and what was done, for the archive's metadata.
 
     Activations use 7 bits (the quantiser's reduce_range), on every CPU. Without VNNI (a t2.micro's AVX2)
-    oneDNN multiplies uint8 x int8 pairs into saturating int16 sums: with 8 bits the trained fixture's layer3
-    features came out 0.4 off there, beyond the export check (torchao advises 7 bits for such CPUs). With VNNI
-    7 bits also agreed better, measured on 320 held-out images: max |dp| 0.024 against 0.040 with 8 bits
-    (mean 0.0009 against 0.0013) — the histogram observer clips less with fewer levels to place."""
+    oneDNN multiplies uint8 x int8 pairs into saturating int16 sums: with 8 bits the trained fixture's pooled
+    layer3 features came out up to 0.4 off there, beyond the export check (torchao advises 7 bits for such
+    CPUs). With VNNI 7 bits also agreed better, measured on 320 held-out images: max |dp| 0.024 against
+    0.040 with 8 bits (mean 0.0009 against 0.0013); the histogram observer clips less with fewer levels."""
     # torchao logs at import that its CUDA kernels cannot load on a CPU-only torch: true and irrelevant here.
     logging.getLogger("torchao").setLevel(logging.ERROR)
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
