@@ -47,7 +47,7 @@ from exporter.ood import PERCENTILE, OodError
 from exporter.ood import fit as fit_ood
 from exporter.precision import PrecisionError, calibration_images, load_tensors, measure, split_for_int8
 from handler.archive import (
-    BF16_MODEL_FILE,
+    COMPILED_MODEL_FILE,
     EXPLAIN_FILE,
     EXPLAIN_METHOD,
     METADATA_FILE,
@@ -223,8 +223,8 @@ def build(args: argparse.Namespace) -> Path:
         print(f"  note: {note}", file=sys.stderr)
 
     if args.runtime == "openvino" and args.precision != "fp32":
-        raise BuildError("--runtime openvino serves fp32 only; a bf16 archive runs on AOTInductor "
-                         "(--precision bf16 without --runtime)")
+        raise BuildError(f"--runtime openvino serves fp32 only; a {args.precision} archive runs on AOTInductor "
+                         f"(--precision {args.precision} without --runtime)")
     if args.precision != "fp32" and not args.validation_images:
         raise BuildError(f"--precision {args.precision} needs --validation-images: its scores must be measured "
                          "against fp32 on your own images before it is served")
@@ -255,7 +255,7 @@ def build(args: argparse.Namespace) -> Path:
             raise BuildError(f"{args.precision} differs from fp32 by up to {agreement.max_abs_dp:.4f} in probability "
                              f"(> --max-delta {args.max_delta}); nothing written (--force-precision to override)")
         precision = {"name": args.precision, "bound": args.max_delta, **agreement.to_mapping(), **compiled}
-        model_bytes, model_file = reduced, BF16_MODEL_FILE
+        model_bytes, model_file = reduced, COMPILED_MODEL_FILE
     calibration = op = ood = None
     sizes = feature_sizes(ckpt)
     limits = QualityLimits(min_side=cfg.image_size)

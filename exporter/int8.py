@@ -25,7 +25,7 @@ from torch import nn
 
 QUANTIZER = ("torchao PT2E, X86InductorQuantizer (static; per-channel int8 weights; 7-bit activations, "
              "histogram-calibrated)")
-CALIBRATION_VIEWS = 8  # each calibration image in all 8 TTA views, as served
+CALIBRATION_VIEWS = 8  # each calibration image in all 8 dihedral views: whatever --tta-views serves is among them
 
 
 KEEP_FP32: tuple[str, ...] = ()  # qualified names in the served module (e.g. "model.layer3")

@@ -31,7 +31,7 @@ DEMO_WARNING = (
 
 # Names of the files inside the .mar (and the export folder) that this module reads.
 MODEL_FILE = "model.pt"
-BF16_MODEL_FILE = "model.pt2"  # AOTInductor package (exporter/export.py: export_bf16)
+COMPILED_MODEL_FILE = "model.pt2"  # AOTInductor package, bf16 or int8 (exporter/export.py: export_compiled)
 ONNX_MODEL_FILE = "model.onnx"  # --runtime openvino (exporter/export.py: export_openvino)
 MODEL_CONFIG_FILE = "model-config.yaml"
 METADATA_FILE = "metadata.json"
@@ -191,7 +191,7 @@ def load_model(source: bytes | str | os.PathLike[str], precision: str = "fp32", 
     reloaded, so it runs at load time. bf16, int8: an AOTInductor package, compiled at build time (check_runtime
     says whether this machine can run it). The build verifies exactly this load path against the eager model.
     """
-    if precision in ("bf16", "int8"):
+    if RUNTIMES.get(precision) == ("aotinductor",):
         return _load_aoti(source)
     if runtime == "openvino":
         return OpenVinoModel(source, torch.get_num_threads())
