@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from handler.archive import EXPLAIN_METHOD, EXPLAIN_METHODS, ArchiveMetadata, LoadedArchive, result
-from handler.pipeline import InputError, PipelineConfig, Score, decode_image, preprocess, tta_views, view_probabilities
+from handler.pipeline import InputError, PipelineConfig, Score, decode_image, load_tensor, tta_views, view_probabilities
 
 # Heatmaps are upsampled to the input image's size, but no side beyond this: a 24 MP photo's full-size
 # map would be ~200 MB of JSON (TorchServe's max_response_size is 6.5 MB by default).
@@ -149,7 +149,7 @@ def explain_images(explainer: Explainer, images: Sequence[bytes], scores: Sequen
     # explain.pt is always fp32: beside a bf16 model.pt the two agree only within the build's measured bound.
     tolerance = max(P_TOLERANCE, 2 * float(model_info.precision.get("bound", 0.0)))
     if tensors is None:
-        tensors = [preprocess(decode_image(d, cfg), cfg) for d in images]
+        tensors = [load_tensor(d, cfg) for d in images]
     cams, peaks, logits = explainer.cams(tensors)
     # the served probability's own function (calibration included)
     check = view_probabilities(logits[:, None], len(images), cfg.tta_views, cfg.temperature)

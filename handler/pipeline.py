@@ -215,7 +215,7 @@ def prepare(data: bytes | bytearray | memoryview, cfg: PipelineConfig) -> Prepar
 
 
 def load_tensor(data: bytes | bytearray | memoryview, cfg: PipelineConfig) -> torch.Tensor:
-    return preprocess(decode_image(data, cfg), cfg)
+    return prepare(data, cfg).tensor
 
 
 # ---------------------------------------------------------------------------------------------
