@@ -54,6 +54,7 @@ from handler.archive import (
     MODEL_CONFIG_FILE,
     MODEL_FILE,
     ONNX_MODEL_FILE,
+    RUNTIMES,
     ArchiveMetadata,
     load_model,
     release_memory,
@@ -107,8 +108,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "on a quarter of --validation-images. Both measured against fp32 on --validation-images "
                     "first (int8 on the images it was not calibrated on); compiled for this CPU and torch (needs g++)")
     ap.add_argument("--runtime", choices=("torchscript", "openvino"), default="torchscript",
-                    help="what runs the fp32 model: torchscript (default) or openvino (opt-in, faster on CPUs "
-                         "measured; needs scripts/setup.sh --openvino)")
+                    help="what runs the model: torchscript (default; bf16 and int8: AOTInductor) or openvino "
+                         "(opt-in, fp32 or bf16, faster on the CPUs measured; needs scripts/setup.sh --openvino)")
     val = ap.add_argument_group("your labelled validation set (ISIC folder + CSV; never the images you test on)")
     val.add_argument("--validation-images", metavar="DIR",
                      help="your images: a reduced precision is measured on them; with --validation-labels the "
@@ -222,9 +223,10 @@ def build(args: argparse.Namespace) -> Path:
     for note in ckpt.notes:
         print(f"  note: {note}", file=sys.stderr)
 
-    if args.runtime == "openvino" and args.precision != "fp32":
-        raise BuildError(f"--runtime openvino serves fp32 only; a {args.precision} archive runs on AOTInductor "
-                         f"(--precision {args.precision} without --runtime)")
+    if args.runtime != "torchscript" and args.runtime not in RUNTIMES[args.precision]:  # torchscript: the default
+        serves = " and ".join(p for p, r in RUNTIMES.items() if args.runtime in r)
+        raise BuildError(f"--runtime {args.runtime} serves {serves} only; a {args.precision} archive runs on "
+                         f"{RUNTIMES[args.precision][0]} (--precision {args.precision} without --runtime)")
     if args.precision != "fp32" and not args.validation_images:
         raise BuildError(f"--precision {args.precision} needs --validation-images: its scores must be measured "
                          "against fp32 on your own images before it is served")
@@ -238,24 +240,30 @@ def build(args: argparse.Namespace) -> Path:
             tensors = load_tensors(calibrate, cfg)[0]
             calibrated_on = len(tensors)
             reduced, compiled = export_int8(ckpt, cfg.image_size, tensors, args.compile_cache)
-        else:
+        elif args.runtime == "torchscript":
             reduced, compiled = export_bf16(ckpt, cfg.image_size, args.compile_cache)
     precision: dict[str, Any] = {"name": "fp32"}
     model_file = MODEL_FILE
     if args.runtime == "openvino":
-        model_bytes, info = export_openvino(ckpt, cfg.image_size)
-        precision, model_file = {**precision, **info}, ONNX_MODEL_FILE
+        model_bytes, info = export_openvino(ckpt, cfg.image_size, args.precision)
+        model_file = ONNX_MODEL_FILE
+        if args.precision == "fp32":
+            precision = {**precision, **info}
+        else:  # one ONNX file: OpenVINO runs it in f32 for the reference and in bf16 for the archive
+            reduced, compiled = model_bytes, info
     else:
         model_bytes = export_torchscript(ckpt, cfg.image_size)
     if args.precision != "fp32":
         labels = Path(args.validation_labels) if args.validation_labels else None
-        agreement = measure(model_bytes, reduced, args.precision, cfg, measured, labels, calibrated_on)
+        agreement = measure(model_bytes, reduced, args.precision, cfg, measured, labels, calibrated_on,
+                            "openvino" if args.runtime == "openvino" else None)
         print(agreement.report(args.precision), file=sys.stderr)
         if agreement.max_abs_dp > args.max_delta and not args.force_precision:
             raise BuildError(f"{args.precision} differs from fp32 by up to {agreement.max_abs_dp:.4f} in probability "
                              f"(> --max-delta {args.max_delta}); nothing written (--force-precision to override)")
         precision = {"name": args.precision, "bound": args.max_delta, **agreement.to_mapping(), **compiled}
-        model_bytes, model_file = reduced, COMPILED_MODEL_FILE
+        model_bytes = reduced
+        model_file = ONNX_MODEL_FILE if args.runtime == "openvino" else COMPILED_MODEL_FILE
     calibration = op = ood = None
     sizes = feature_sizes(ckpt)
     limits = QualityLimits(min_side=cfg.image_size)

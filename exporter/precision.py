@@ -38,7 +38,7 @@ class Agreement:
 
     def report(self, precision: str) -> str:
         which = (f"image(s) it was not calibrated on ({self.calibrated_on} others calibrated it)"
-                 if self.calibrated_on else "calibration image(s)")
+                 if self.calibrated_on else "validation image(s)")
         line = (f"{precision} vs fp32 on {self.images} {which}: max |dp| {self.max_abs_dp:.4f}, "
                 f"mean |dp| {self.mean_abs_dp:.4f}")
         if self.auc_fp32 is not None:
@@ -83,8 +83,9 @@ def load_tensors(files: list[Path], cfg: PipelineConfig) -> tuple[list[Any], lis
     return tensors, names, skipped
 
 
-def score(model_bytes: bytes, precision: str, tensors: list[Any], cfg: PipelineConfig) -> np.ndarray:
-    scorer = Scorer(load_model(model_bytes, precision), cfg)
+def score(model_bytes: bytes, precision: str, tensors: list[Any], cfg: PipelineConfig,
+          runtime: str | None = None) -> np.ndarray:
+    scorer = Scorer(load_model(model_bytes, precision, runtime), cfg)
     out: list[float] = []
     for i in range(0, len(tensors), BATCH):
         out += scorer.predict(tensors[i:i + BATCH])
@@ -94,14 +95,15 @@ def score(model_bytes: bytes, precision: str, tensors: list[Any], cfg: PipelineC
 
 
 def measure(fp32_bytes: bytes, reduced_bytes: bytes, precision: str, cfg: PipelineConfig, files: list[Path],
-            labels_csv: Path | None = None, calibrated_on: int = 0) -> Agreement:
+            labels_csv: Path | None = None, calibrated_on: int = 0, runtime: str | None = None) -> Agreement:
     """Both models on `files` through the serving pipeline. `calibrated_on`: how many other images calibrated
-    the reduced model (int8), for the report."""
+    the reduced model (int8), for the report. `runtime`: what runs both (openvino: one ONNX file in f32 and in
+    the reduced precision); by default each precision's own (load_model)."""
     tensors, names, skipped = load_tensors(files, cfg)
     if len(tensors) < MIN_IMAGES:
         raise PrecisionError(f"only {len(tensors)} readable image(s) of {len(files)}; at least {MIN_IMAGES} needed")
-    p32 = score(fp32_bytes, "fp32", tensors, cfg)
-    pr = score(reduced_bytes, precision, tensors, cfg)
+    p32 = score(fp32_bytes, "fp32", tensors, cfg, runtime)
+    pr = score(reduced_bytes, precision, tensors, cfg, runtime)
     d = np.abs(pr - p32)
     auc32 = aucr = None
     labelled = 0

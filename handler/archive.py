@@ -46,7 +46,9 @@ EXPLAIN_METHOD = "layer-cam"
 METADATA_SCHEMA = 1  # bump when metadata.json's keys or their meaning change; readers refuse other schemas
 PRECISIONS = ("fp32", "bf16", "int8")
 # What runs the model, by precision: precision["format"] in metadata.json (absent for TorchScript fp32).
-RUNTIMES = {"fp32": ("torchscript", "openvino"), "bf16": ("aotinductor",), "int8": ("aotinductor",)}
+RUNTIMES = {"fp32": ("torchscript", "openvino"), "bf16": ("aotinductor", "openvino"), "int8": ("aotinductor",)}
+# OpenVINO's INFERENCE_PRECISION_HINT for each precision it serves.
+OPENVINO_HINTS = {"fp32": "f32", "bf16": "bf16"}
 # Only through set-up: a bare `pip install -r requirements-openvino.txt` outside its .venv would resolve the
 # torch pin to PyPI's CUDA build (set-up installs the +cpu wheel first).
 OPENVINO_SETUP = "scripts/setup.sh --openvino"
@@ -183,18 +185,23 @@ class ArchiveMetadata:
 
 
 
-def load_model(source: bytes | str | os.PathLike[str], precision: str = "fp32", runtime: str = "torchscript") -> Model:
-    """Load the archive's model and optimise it for this CPU.
+def load_model(source: bytes | str | os.PathLike[str], precision: str = "fp32", runtime: str | None = None) -> Model:
+    """Load the archive's model and optimise it for this CPU. `runtime`: one of RUNTIMES[precision], by
+    default the first (TorchScript for fp32, AOTInductor for bf16 and int8).
 
     fp32: frozen TorchScript. The optimize-for-inference pass (oneDNN prepacked convolutions, conv-BN
     folding) measured ~15-25 % faster than the frozen module here, but its result cannot be saved and
     reloaded, so it runs at load time. bf16, int8: an AOTInductor package, compiled at build time (check_runtime
-    says whether this machine can run it). The build verifies exactly this load path against the eager model.
+    says whether this machine can run it). openvino (fp32, bf16): the ONNX graph compiled by OpenVINO.
+    The build verifies exactly this load path against the eager model.
     """
-    if RUNTIMES.get(precision) == ("aotinductor",):
+    runtime = runtime or RUNTIMES[precision][0]
+    if runtime not in RUNTIMES.get(precision, ()):
+        raise ValueError(f"no {runtime} runtime for {precision}: {precision} runs on {', '.join(RUNTIMES[precision])}")
+    if runtime == "aotinductor":
         return _load_aoti(source)
     if runtime == "openvino":
-        return OpenVinoModel(source, torch.get_num_threads())
+        return OpenVinoModel(source, torch.get_num_threads(), precision)
     # From a path when there is one: reading the file into bytes first would hold a second copy
     # of the weights (~115 MB) in the worker for as long as the allocator keeps it.
     f = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else str(source)
@@ -240,21 +247,27 @@ class OpenVinoModel:
     """The model's ONNX graph compiled by OpenVINO for this CPU (--runtime openvino): a Model like the
     TorchScript one, taking and returning torch tensors, so the pipeline around it is unchanged.
 
-    f32 on purpose: OpenVINO's default on CPUs with AVX512-BF16 or AMX is to run "f32" models in bf16, a
-    silent precision change the build's verification would not have seen (INFERENCE_PRECISION_HINT=f32).
+    The precision is always set: OpenVINO's default on CPUs with AVX512-BF16 or AMX is to run "f32" models in
+    bf16, a silent precision change the build's verification would not have seen; and where a CPU cannot run
+    bf16, OpenVINO would quietly run a bf16 archive in f32, which the build did not measure either: refused.
     One stream and `threads` threads, as the TorchScript model runs; a worker serves one batch at a time."""
 
-    def __init__(self, source: bytes | str | os.PathLike[str], threads: int) -> None:
+    def __init__(self, source: bytes | str | os.PathLike[str], threads: int, precision: str = "fp32") -> None:
         require_openvino()
         import openvino as ov
 
         core = ov.Core()
         with _as_file(source, ".onnx") as path:
             net = core.read_model(path)
+        hint = OPENVINO_HINTS[precision]
         self._compiled = core.compile_model(net, "CPU", {
-            "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
+            "INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
             "PERFORMANCE_HINT": "LATENCY"})
         del net  # the compiled model holds its own (repacked) weights
+        runs = self._compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+        if runs != hint:
+            raise RuntimeError(f"OpenVINO runs this {precision} model in {runs} on this CPU (no "
+                               f"{' or '.join(PRECISION_CPU_FLAGS.get(precision, ()))}): use an fp32 archive")
         self._request = self._compiled.create_infer_request()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -468,12 +481,21 @@ def check_runtime(precision: Mapping[str, Any], cpuinfo: str | None = None) -> N
     """Refuse, with what to do, an archive whose compiled model this machine cannot run: an AOTInductor
     package is native code for one torch version and one CPU vector ISA, and running it elsewhere would
     crash the worker (illegal instruction) or fail deep inside torch. `precision`: the metadata's."""
+    name = precision.get("name", "fp32")
     if precision.get("format") == "openvino":
         require_openvino()
+        # bf16: the agreement was measured with the build machine's bf16 kernels (AMX or AVX512-BF16);
+        # another kind computes other roundings. fp32 records no flags.
+        have = cpu_flags(cpuinfo)
+        if have and set(precision.get("cpu_flags", [])) != have & set(PRECISION_CPU_FLAGS.get(name, ())):
+            raise RuntimeError(f"this {name} OpenVINO archive was measured on a CPU with "
+                               f"{', '.join(precision['cpu_flags']) or 'no bf16 instructions'}; this one has "
+                               f"{', '.join(sorted(have & set(PRECISION_CPU_FLAGS[name]))) or 'none of them'}: "
+                               f"rebuild it on this machine (./build_mar.sh --runtime openvino --precision {name} "
+                               "...) or use an fp32 archive")
         return
-    if precision.get("name", "fp32") == "fp32":
+    if name == "fp32":
         return
-    name = precision.get("name")
     if precision.get("format") != "aotinductor":
         raise RuntimeError(f"this {name} archive was built by an earlier version in a format "
                            f"no longer served; rebuild it with ./build_mar.sh --precision {name}")

@@ -58,7 +58,7 @@ def bf16_store(compiler: None, calibration: Path, tmp_path_factory: pytest.TempP
 
 def test_bf16_archive_is_measured_and_says_so(bf16_store: tuple[Path, str], demo_archive: Path) -> None:
     store, stderr = bf16_store
-    assert "bf16 vs fp32 on 24 calibration image(s): max |dp|" in stderr and "AUC fp32" in stderr
+    assert "bf16 vs fp32 on 24 validation image(s): max |dp|" in stderr and "AUC fp32" in stderr
     names = zipfile.ZipFile(store / "melanoma.mar").namelist()
     assert "model.pt2" in names and "model.pt" not in names  # the compiled package, not TorchScript
     archive = load_archive(store / "melanoma.mar")
@@ -97,7 +97,7 @@ def test_bf16_agreement_measured_on_trained_weights(compiler: None, trained_chec
                      str(heldout_data / "jpeg"), "--validation-labels", str(heldout_data / "train.csv"),
                      output_dir=tmp_path, check=False)
     assert "reused from" not in proc.stderr  # other weights: compiled anew, never the demo's package
-    report = next(ln for ln in proc.stderr.splitlines() if ln.startswith("bf16 vs fp32 on 96 calibration image(s)"))
+    report = next(ln for ln in proc.stderr.splitlines() if ln.startswith("bf16 vs fp32 on 96 validation image(s)"))
     max_dp = float(report.split("max |dp| ")[1].split(",")[0])
     if proc.returncode == 0:
         prec = load_archive(tmp_path / "melanoma.mar").metadata.precision

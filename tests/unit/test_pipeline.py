@@ -226,7 +226,7 @@ def test_archive_metadata_is_a_typed_versioned_record() -> None:
         ({**data, "precision": {"name": "int8", "format": "openvino"}}, "an int8 model runs on aotinductor"),
         ({**data, "explain": {"file": "explain.pt"}}, "explain must be null or an object"),
         ({**data, "explain": {**data["explain"], "method": "score-cam"}}, "explain.method 'score-cam' is not one"),
-        ({**data, "precision": {"name": "bf16", "format": "openvino"}}, "a bf16 model runs on aotinductor"),
+        ({**data, "precision": {"name": "bf16", "format": "torchscript"}}, "runs on aotinductor or openvino"),
         ({**data, "precision": {"name": "fp32", "format": "aotinductor"}}, "runs on torchscript or openvino"),
         ({**data, "schema": 2}, "schema 2; this handler reads schema 1"),
         ([1, 2], "must hold an object"),
@@ -273,6 +273,23 @@ def test_compiled_archives_are_refused_where_they_cannot_run() -> None:
     with pytest.raises(RuntimeError, match="earlier version in a format no longer served"):
         check_runtime({"name": "bf16"})
     check_runtime({"name": "fp32"}, "flags\t: fpu")
+
+
+def test_openvino_bf16_is_refused_on_other_bf16_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An OpenVINO bf16 archive's agreement was measured with the build CPU's bf16 kernels (AMX, or
+    AVX512-BF16 alone): another kind, or none (OpenVINO would run f32), is refused with what to do."""
+    import handler.archive
+
+    monkeypatch.setattr(handler.archive, "require_openvino", lambda *also: None)
+    meta = {"name": "bf16", "format": "openvino", "openvino": "2026.4.1", "cpu_flags": ["amx_bf16", "avx512_bf16"]}
+    check_runtime(meta, "flags\t: avx2 avx512f avx512_bf16 amx_bf16 amx_tile")
+    check_runtime(meta, "")
+    with pytest.raises(RuntimeError, match="measured on a CPU with amx_bf16, avx512_bf16; this one has "
+                                           "avx512_bf16: rebuild it on this machine"):
+        check_runtime(meta, "flags\t: avx2 avx512f avx512_bf16")
+    with pytest.raises(RuntimeError, match="this one has none of them"):
+        check_runtime(meta, "flags\t: avx2 fma")
+    check_runtime({"name": "fp32", "format": "openvino"}, "flags\t: avx2 fma")  # fp32 runs anywhere
 
 
 @pytest.mark.parametrize(("files", "expected"), [
