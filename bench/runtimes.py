@@ -3,11 +3,14 @@
 
     .venv/bin/python -m pip install -r bench/requirements-runtimes.txt   # bench only, never the server's
     .venv/bin/python bench/runtimes.py [--archive model_store/melanoma.mar] [--bf16 [BF16.mar]]
+                                       [--int8 INT8.mar] [--openvino OV.mar] [--openvino-bf16 OV_BF16.mar]
                                        [--threads 1 2] [--repeats 30] [--report docs/PERFORMANCE.md]
 
 The 8-view 128 px forward (the batch the handler runs for one image) through:
 - the archive's model exactly as served (handler.archive.load_archive: TorchScript fp32, or the bf16
-  AOTInductor package given with --bf16);
+  AOTInductor package given with --bf16), and the other archives given, each loaded as served (--int8, and
+  the opt-in OpenVINO runtime's --openvino and --openvino-bf16: this project's OpenVINO rows, beside
+  OpenVINO run directly);
 - the archive's model.pt exported to ONNX (the same frozen graph and weights), run by
   ONNX Runtime (fp32) and OpenVINO (f32 with INFERENCE_PRECISION_HINT=f32, which OpenVINO otherwise turns
   into bf16 on CPUs with AVX512-BF16; and bf16 where the CPU has it);
@@ -91,7 +94,7 @@ def blocks(fns: dict[str, Callable[[], Any]], repeats: int, rounds: int = 3) -> 
 
 
 def child(archive: Path, onnx: Path | None, bf16: str | None, threads: int, repeats: int,
-          avx2: bool, int8: str | None = None) -> dict[str, Any]:
+          avx2: bool, int8: str | None = None, served_ov: dict[str, str] | None = None) -> dict[str, Any]:
     import torch
 
     from handler.archive import cpu_flags, load_archive
@@ -130,6 +133,10 @@ def child(archive: Path, onnx: Path | None, bf16: str | None, threads: int, repe
             q = load_archive(int8, threads=threads)
             fns["aoti_int8"] = lambda: q.scorer.model(x)
             logits["aoti_int8"] = q.scorer.model(x).float().numpy()
+        for key, path in (served_ov or {}).items():  # this project's OpenVINO archives, through load_archive
+            a = load_archive(path, threads=threads)
+            fns[key] = lambda a=a: a.scorer.model(x)
+            logits[key] = a.scorer.model(x).float().numpy()
         if onnx is not None and not avx2:
             import onnxruntime as ort
             import openvino as ov
@@ -168,6 +175,8 @@ def run_child(args: argparse.Namespace, onnx: Path | None, threads: int, avx2: b
     # oneDNN kernels, which no t2.micro runs (and whose CPU check would refuse it there).
     int8 = args.int8_avx2 if avx2 else args.int8
     cmd += ["--int8", str(int8)] if int8 and others else []
+    for flag, path in (("--openvino", args.openvino), ("--openvino-bf16", args.openvino_bf16)):
+        cmd += [flag, str(path)] if path and others and not avx2 else []
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode:
         sys.exit(f"runtimes: the {threads}-thread{' AVX2' if avx2 else ''} run failed:\n{proc.stderr[-3000:]}")
@@ -177,6 +186,8 @@ def run_child(args: argparse.Namespace, onnx: Path | None, threads: int, avx2: b
 LABELS = {"torchscript_fp32": "this project, TorchScript fp32 (default archive)",
           "onnxruntime_fp32": "ONNX Runtime, fp32", "openvino_f32": "OpenVINO, f32 (precision hint f32)",
           "aoti_bf16": "this project, AOTInductor bf16 (--precision bf16)", "openvino_bf16": "OpenVINO, bf16",
+          "ov_fp32": "this project, OpenVINO f32 (--runtime openvino)",
+          "ov_bf16": "this project, OpenVINO bf16 (--runtime openvino --precision bf16)",
           "aoti_int8": "this project, AOTInductor int8 (--precision int8)"}
 
 
@@ -193,7 +204,7 @@ def table(res: dict[str, Any], cmd: str) -> str:
              "is faster. Versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()) + ".", "",
              f"| runtime | {head} | max abs logit diff vs served fp32 |", "|---" * (len(ts) + 2) + "|"]
     rivals = {"torchscript_fp32": "openvino_f32", "onnxruntime_fp32": "openvino_f32", "aoti_bf16": "openvino_bf16",
-              "aoti_int8": "torchscript_fp32"}
+              "ov_fp32": "openvino_f32", "ov_bf16": "openvino_bf16", "aoti_int8": "torchscript_fp32"}
     for k, label in LABELS.items():
         if k not in runs[0]["ms"]:
             continue
@@ -240,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--int8-avx2", metavar="ARCHIVE",
                     help="for the AVX2 column, an int8 archive built for AVX2 (ATEN_CPU_CAPABILITY=avx2 "
                          "ONEDNN_MAX_CPU_ISA=AVX2 ./build_mar.sh --precision int8 ...; docs/PRECISION.md)")
+    ap.add_argument("--openvino", metavar="ARCHIVE",
+                    help="time a --runtime openvino archive (of the same weights as --archive) as served")
+    ap.add_argument("--openvino-bf16", metavar="ARCHIVE",
+                    help="time a --runtime openvino --precision bf16 archive (same weights) as served")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--no-avx2", action="store_true", help="skip the AVX2-capped column")
@@ -250,8 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--onnx", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
+        served_ov = {k: v for k, v in (("ov_fp32", args.openvino), ("ov_bf16", args.openvino_bf16)) if v}
         print(json.dumps(child(args.archive, args.onnx, args.bf16, args.child, args.repeats, args.avx2_child,
-                               args.int8)))
+                               args.int8, served_ov)))
         return 0
     if not args.archive.exists():
         sys.exit(f"runtimes: {args.archive} does not exist: build it with ./build_mar.sh (or pass --archive)")
@@ -283,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
            "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
                         "openvino": openvino.__version__.split("-")[0]}}
     cmd = ("bench/runtimes.py" + (" --bf16" if args.bf16 else "") + (" --int8 INT8.mar" if args.int8 else "")
-           + (" --int8-avx2 INT8_AVX2.mar" if args.int8_avx2 else ""))
+           + (" --int8-avx2 INT8_AVX2.mar" if args.int8_avx2 else "") + (" --openvino OV.mar" if args.openvino else "")
+           + (" --openvino-bf16 OV_BF16.mar" if args.openvino_bf16 else ""))
     text = table(res, cmd)
     print(text)
     out = ROOT / "bench" / "results"

@@ -245,7 +245,7 @@ def build(args: argparse.Namespace) -> Path:
     precision: dict[str, Any] = {"name": "fp32"}
     model_file = MODEL_FILE
     if args.runtime == "openvino":
-        model_bytes, info = export_openvino(ckpt, cfg.image_size, args.precision)
+        model_bytes, info = export_openvino(ckpt, cfg.image_size, args.precision, cfg.tta_views)
         model_file = ONNX_MODEL_FILE
         if args.precision == "fp32":
             precision = {**precision, **info}
@@ -270,7 +270,8 @@ def build(args: argparse.Namespace) -> Path:
     checks: dict[str, Any] = {"limits": limits.to_mapping(), "features": sizes, "ood": None}
     if args.validation_images and args.validation_labels:
         # On the model exactly as it will be served: its precision, its runtime, its load path.
-        served = load_model(model_bytes, precision["name"], str(precision.get("format", "torchscript")))
+        served = load_model(model_bytes, precision["name"], str(precision.get("format", "torchscript")),
+                            cfg.tta_views)
         scores = score_validation_set(served, cfg, Path(args.validation_images), Path(args.validation_labels),
                                       limits)
         del served

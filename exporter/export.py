@@ -363,12 +363,14 @@ def int8_kernels(package: bytes) -> int:
     return len(re.findall(r"aoti_torch_cpu__q(?:conv|conv2d|linear)_pointwise", code))
 
 
-def export_openvino(ckpt: LoadedCheckpoint, image_size: int, precision: str = "fp32") -> tuple[bytes, dict[str, Any]]:
+def export_openvino(ckpt: LoadedCheckpoint, image_size: int, precision: str = "fp32",
+                    views: int = 8) -> tuple[bytes, dict[str, Any]]:
     """The model as ONNX (opset 17, any batch size) for the opt-in OpenVINO runtime, verified exactly as
     handler/archive.py will run it (OpenVINO, f32) against the eager model with the TorchScript bound (RTOL).
     bf16: the same file, which OpenVINO then runs in bf16 (INFERENCE_PRECISION_HINT); also verified in bf16
     with the gross bound of the compiled precisions, and the CPU's bf16 instructions recorded (check_runtime).
     Its agreement with fp32 on the user's images is measured by the build, as for every reduced precision.
+    `views`: the archive's TTA views, the static batch OpenVINO compiles for (handler/archive.py).
 
     Why: on the CPUs measured, OpenVINO f32 runs this network's 8-view forward in 0.75-0.8x TorchScript's
     time and Inductor did not close the gap (docs/PERFORMANCE.md, bench/runtimes.py); OpenVINO bf16 runs it in
@@ -395,11 +397,11 @@ def export_openvino(ckpt: LoadedCheckpoint, image_size: int, precision: str = "f
                           output_names=["logit_and_features"], opset_version=17,
                           dynamic_axes={"x": {0: "batch"}, "logit_and_features": {0: "batch"}}, dynamo=False)
         data = Path(path).read_bytes()
-    verify(eager, load_model(data, "fp32", "openvino"), image_size, what="OpenVINO model")
+    verify(eager, load_model(data, "fp32", "openvino", views), image_size, what="OpenVINO model")
     info: dict[str, Any] = {"format": "openvino", "openvino": openvino.__version__.split("-")[0]}
     if precision != "fp32":
         try:
-            reduced = load_model(data, precision, "openvino")
+            reduced = load_model(data, precision, "openvino", views)
         except RuntimeError as e:  # this CPU has no bf16 instructions: OpenVINO would run f32
             raise ExportError(f"--runtime openvino --precision {precision}: {e}") from None
         verify(eager, reduced, image_size, COMPILED_RELATIVE[precision], f"OpenVINO {precision} model")

@@ -85,7 +85,7 @@ def load_tensors(files: list[Path], cfg: PipelineConfig) -> tuple[list[Any], lis
 
 def score(model_bytes: bytes, precision: str, tensors: list[Any], cfg: PipelineConfig,
           runtime: str | None = None) -> np.ndarray:
-    scorer = Scorer(load_model(model_bytes, precision, runtime), cfg)
+    scorer = Scorer(load_model(model_bytes, precision, runtime, cfg.tta_views), cfg)
     out: list[float] = []
     for i in range(0, len(tensors), BATCH):
         out += scorer.predict(tensors[i:i + BATCH])
