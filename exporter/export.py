@@ -374,8 +374,8 @@ def export_openvino(ckpt: LoadedCheckpoint, image_size: int, precision: str = "f
 
     Why: on the CPUs measured, OpenVINO f32 runs this network's 8-view forward in 0.75-0.8x TorchScript's
     time and Inductor did not close the gap (docs/PERFORMANCE.md, bench/runtimes.py); OpenVINO bf16 runs it in
-    0.6x AOTInductor bf16's. ONNX rather than OpenVINO's IR: one file, read by OpenVINO at load, and by any
-    other runtime a user may try. Returns the file and what metadata records about it."""
+    0.7-0.9x AOTInductor bf16's (as served). ONNX rather than OpenVINO's IR: one file, read by OpenVINO at
+    load, and by any other runtime a user may try. Returns the file and what metadata records about it."""
     import warnings
 
     from handler.archive import PRECISION_CPU_FLAGS, cpu_flags, require_openvino
