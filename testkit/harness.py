@@ -65,9 +65,9 @@ class Server:
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.keys()['inference']}"}
 
-    def predict(self, body: bytes, **kw) -> requests.Response:
+    def predict(self, body: bytes, model: str = "melanoma", **kw) -> requests.Response:
         h = {"Content-Type": "application/octet-stream", **self.headers(), **kw.pop("headers", {})}
-        return requests.post(f"{self.url}/predictions/melanoma", data=body, headers=h, timeout=120, **kw)
+        return requests.post(f"{self.url}/predictions/{model}", data=body, headers=h, timeout=120, **kw)
 
     def log(self, name: str = "model_log.log") -> str:
         return read_log(self.workdir / "logs", name)
