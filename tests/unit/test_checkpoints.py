@@ -13,6 +13,7 @@ from torch import nn
 
 from exporter.checkpoint import CheckpointError, build_model, load_checkpoint
 from exporter.export import (
+    RTOL,
     MalignancyLogit,
     cpu_flags_for,
     demo_checkpoint,
@@ -183,13 +184,20 @@ def test_bad_checkpoints_fail_with_one_clear_line(reference: nn.Module, tmp_path
         load_checkpoint(tmp_path)
 
 
-def test_export_matches_eager_for_other_batch_sizes(reference: nn.Module) -> None:
-    from exporter.checkpoint import LoadedCheckpoint
-
-    ts = load_model(export_torchscript(LoadedCheckpoint(reference, 1, "test", "0"), 128))
-    x = torch.randn(5, 3, 128, 128)
-    torch.testing.assert_close(ts(x)[:, :1], logits(reference, x),
-                               atol=1e-4, rtol=0)
+def test_export_matches_eager_for_other_batch_sizes(weights: str, request: pytest.FixtureRequest) -> None:
+    """A batch of 5 (the export verifies 3 and 8), on noise, on the demo and the trained fixture: within the
+    bound the build enforces, RTOL x (|logit| + the typical |logit|), which is relative because fp32 rounding
+    through the network is (a fixed atol failed ordinary trained logits before)."""
+    ckpt = demo_checkpoint() if weights == "demo" else load_checkpoint(request.getfixturevalue("trained_checkpoint"))
+    ts = load_model(export_torchscript(ckpt, 128))
+    x = torch.randn(5, 3, 128, 128, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        got = ts(x)[:, :1]
+    ref = logits(ckpt.module, x, ckpt.outputs)
+    scale = max(1.0, float(ref.abs().median()))
+    diff = (got - ref).abs()
+    assert bool((diff <= RTOL * (ref.abs() + scale)).all()), f"max |dlogit| {float(diff.max()):.2e} at logits {ref}"
+    assert float(ref.std()) > 0  # the images really score differently
 
 
 def test_inductor_arch_flags_become_cpuinfo_flags() -> None:
