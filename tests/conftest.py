@@ -130,6 +130,15 @@ def archive_of(weights: str, request: pytest.FixtureRequest) -> Path:
 
 
 @pytest.fixture
+def checkpoint_of(weights: str, request: pytest.FixtureRequest):  # noqa: ANN201 (torch imported lazily)
+    """The LoadedCheckpoint of the demo or of the trained fixture (trained on first use)."""
+    from exporter.checkpoint import load_checkpoint
+    from exporter.export import demo_checkpoint
+
+    return demo_checkpoint() if weights == "demo" else load_checkpoint(request.getfixturevalue("trained_checkpoint"))
+
+
+@pytest.fixture
 def server_of(weights: str, request: pytest.FixtureRequest) -> Server:
     return request.getfixturevalue("server" if weights == "demo" else "trained_server")
 

@@ -98,11 +98,10 @@ def test_lightning_checkpoint_with_extra_modules_ignores_them(reference: nn.Modu
     assert any("criterion.pos_weight" in n for n in loaded.notes)
 
 
-def test_torchscript_file(weights: str, batch: torch.Tensor, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+def test_torchscript_file(checkpoint_of, batch: torch.Tensor, tmp_path: Path) -> None:  # noqa: ANN001
     """A traced model file loads as the model it was traced from, on the demo and the trained fixture: within
     the build's relative bound (the same kernels; only TorchScript's graph passes may reorder arithmetic)."""
-    model = (demo_checkpoint() if weights == "demo"
-             else load_checkpoint(request.getfixturevalue("trained_checkpoint"))).module.eval()
+    model = checkpoint_of.module.eval()
     traced = torch.jit.trace(model, batch[:1])
     torch.jit.save(traced, str(tmp_path / "m.pt"))
     loaded = load_checkpoint(tmp_path / "m.pt")
@@ -197,11 +196,11 @@ def test_bad_checkpoints_fail_with_one_clear_line(reference: nn.Module, tmp_path
         load_checkpoint(tmp_path)
 
 
-def test_export_matches_eager_for_other_batch_sizes(weights: str, request: pytest.FixtureRequest) -> None:
+def test_export_matches_eager_for_other_batch_sizes(checkpoint_of) -> None:  # noqa: ANN001
     """A batch of 5 (the export verifies 3 and 8), on noise, on the demo and the trained fixture: within the
     bound the build enforces, RTOL x (|logit| + the typical |logit|), which is relative because fp32 rounding
     through the network is (a fixed atol failed ordinary trained logits before)."""
-    ckpt = demo_checkpoint() if weights == "demo" else load_checkpoint(request.getfixturevalue("trained_checkpoint"))
+    ckpt = checkpoint_of
     ts = load_model(export_torchscript(ckpt, 128))
     x = torch.randn(5, 3, 128, 128, generator=torch.Generator().manual_seed(5))
     with torch.inference_mode():
