@@ -138,6 +138,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "torch, compiler and CPU are the same (default: $MELANOMA_COMPILE_CACHE, else off)")
     ap.add_argument("--force-precision", action="store_true",
                     help="write the reduced-precision archive even above --max-delta")
+    chk = ap.add_argument_group("input-check limits (docs/INPUT_CHECKS.md; they flag images, never change a score)")
+    chk.add_argument("--min-side", type=int, default=None, metavar="PX",
+                     help="flag photos whose shorter side is below this (default: the model's input size, 128)")
+    chk.add_argument("--min-sharpness", type=float, default=QualityLimits.min_sharpness, metavar="V",
+                     help="flag images whose Laplacian variance at the model's input size is below this (default "
+                          f"{QualityLimits.min_sharpness:g})")
+    chk.add_argument("--max-clipped", type=float, default=QualityLimits.max_clipped, metavar="F",
+                     help="flag images with more than this share of clipped highlights, in (0, 1] (default "
+                          f"{QualityLimits.max_clipped:g})")
+    chk.add_argument("--median-luminance", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                     default=(QualityLimits.min_median, QualityLimits.max_median),
+                     help="flag images whose median luminance (0-255) is outside this range (default "
+                          f"{QualityLimits.min_median:g} {QualityLimits.max_median:g})")
     ap.add_argument("--no-explain", action="store_true",
                     help="leave out explain.pt (LayerCAM heatmaps for /explanations): a ~105 MiB smaller archive")
     args = ap.parse_args(argv)
@@ -194,6 +207,12 @@ def build(args: argparse.Namespace) -> Path:
                          "--validation-images DIR --validation-labels CSV")
     if goal is not None and args.threshold is not None:
         raise BuildError(f"--threshold and --{goal} both set the threshold; give one")
+    try:
+        limits = QualityLimits(min_side=cfg.image_size if args.min_side is None else args.min_side,
+                               min_sharpness=args.min_sharpness, max_clipped=args.max_clipped,
+                               min_median=args.median_luminance[0], max_median=args.median_luminance[1])
+    except ValueError as e:
+        raise BuildError(f"input-check limits: {e}") from None
     if not 50 <= args.ood_percentile < 100:
         raise BuildError("--ood-percentile must be in [50, 100)")
     if goal is not None and not 0 < getattr(args, goal) < 1:
@@ -266,7 +285,6 @@ def build(args: argparse.Namespace) -> Path:
         model_file = ONNX_MODEL_FILE if args.runtime == "openvino" else COMPILED_MODEL_FILE
     calibration = op = ood = None
     sizes = feature_sizes(ckpt)
-    limits = QualityLimits(min_side=cfg.image_size)
     checks: dict[str, Any] = {"limits": limits.to_mapping(), "features": sizes, "ood": None}
     if args.validation_images and args.validation_labels:
         # On the model exactly as it will be served: its precision, its runtime, its load path.
@@ -290,8 +308,9 @@ def build(args: argparse.Namespace) -> Path:
         print("input checks on the validation images: " + ", ".join(
             f"{k} flags {v}" for k, v in scores.quality_flagged.items()) + f" of {len(scores.names)}", file=sys.stderr)
         if any(v > 0.05 * len(scores.names) for v in scores.quality_flagged.values()):
-            print("WARNING: a fixed input check flags more than 5 % of your validation images: its limit may not "
-                  "suit your photos (docs/INPUT_CHECKS.md)", file=sys.stderr)
+            print("WARNING: an input check flags more than 5 % of your validation images: its limit may not suit "
+                  "your photos; look at the flagged ones, then set it with --min-side, --min-sharpness, "
+                  "--max-clipped or --median-luminance (docs/INPUT_CHECKS.md)", file=sys.stderr)
     if fits:
         temperature = fit_temperature(scores) if args.calibrate == "temperature" else 1.0
         calibration = calibration_record(scores, temperature) if args.calibrate == "temperature" else None

@@ -149,7 +149,7 @@ class ArchiveMetadata:
                                f"{OOD_METHOD} fit): rebuild the archive with this version's ./build_mar.sh")
         try:
             QualityLimits.from_mapping(self.checks["limits"])
-        except TypeError as e:
+        except (TypeError, ValueError) as e:
             raise ArchiveError(f"{where}: checks.limits: {e}: rebuild the archive with ./build_mar.sh") from None
         if self.outputs not in (1, 2) or not isinstance(self.versions, dict):
             raise ArchiveError(f"{where}: outputs must be 1 or 2 and versions an object")

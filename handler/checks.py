@@ -10,6 +10,7 @@ import: the handler, the offline client and the tests run this same code.
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -39,6 +40,23 @@ class QualityLimits:
     max_clipped: float = 0.25
     min_median: float = 40.0
     max_median: float = 235.0
+
+    def __post_init__(self) -> None:
+        # A limit off its own scale is a typo, not a choice: refuse it where it is set (build_mar.sh) and where
+        # it is read back (metadata.json), with the rule it breaks.
+        if isinstance(self.min_side, bool) or not isinstance(self.min_side, int) or self.min_side < 1:
+            raise ValueError(f"min_side must be a whole number of pixels >= 1, not {self.min_side!r}")
+        for name in ("min_sharpness", "max_clipped", "min_median", "max_median"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, not {v!r}")
+        if self.min_sharpness < 0:
+            raise ValueError(f"min_sharpness must be >= 0, not {self.min_sharpness}")
+        if not 0 < self.max_clipped <= 1:
+            raise ValueError(f"max_clipped must be in (0, 1], not {self.max_clipped}")
+        if not 0 <= self.min_median < self.max_median <= 255:
+            raise ValueError(f"the median luminance range must satisfy 0 <= low < high <= 255, not "
+                             f"[{self.min_median}, {self.max_median}]")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> QualityLimits:

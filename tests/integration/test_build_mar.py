@@ -118,14 +118,27 @@ def test_trained_archive_equals_its_eager_model(trained_checkpoint: Path, traine
     assert max(probs) - min(probs) > 0.5  # the task's two classes really score apart
 
 
+LIMITS = ("--min-side", "64", "--min-sharpness", "1e9", "--max-clipped", "0.5", "--median-luminance", "10", "250")
+
+
 @pytest.mark.parametrize("views", [1, 4])
 def test_tta_views_option_reaches_the_archive(views: int, tmp_path: Path) -> None:
-    """Also: --no-explain leaves explain.pt out (the views=1 build); explanations follow the views (4)."""
-    extra = ("--no-explain",) if views == 1 else ()
+    """Also: --no-explain leaves explain.pt out (the views=1 build); explanations follow the views (4). The
+    views=1 build also sets every input-check limit: the archive records and serves those, not the defaults."""
+    extra = ("--no-explain", *LIMITS) if views == 1 else ()
     run_build("--tta-views", str(views), *extra, output_dir=tmp_path)
     archive = load_archive(tmp_path / "melanoma.mar")
     assert archive.cfg.tta_views == views
     data = encode(lesion_rgb(seed=1), "JPEG")
+    checks = archive.score(data)["checks"]
+    if extra:
+        assert archive.metadata.checks["limits"] == {"min_side": 64, "min_sharpness": 1e9, "max_clipped": 0.5,
+                                                     "min_median": 10.0, "max_median": 250.0}
+        assert checks["blur"]["flagged"] and checks["blur"]["min_sharpness"] == 1e9  # no image is that sharp
+        assert checks["exposure"]["max_clipped"] == 0.5 and checks["exposure"]["median_range"] == [10.0, 250.0]
+        assert checks["resolution"]["min_side"] == 64 and not checks["passed"]
+    else:
+        assert archive.metadata.checks["limits"]["min_sharpness"] == 5.0 and not checks["blur"]["flagged"]
     if extra:
         assert archive.metadata.explain is None and not archive.has_member("explain.pt")
         assert (tmp_path / "melanoma.mar").stat().st_size < 150 * 2**20
@@ -136,6 +149,19 @@ def test_tta_views_option_reaches_the_archive(views: int, tmp_path: Path) -> Non
         body = explain_images(load_explainer(archive), [data], [archive.scorer.score_bytes(data)], archive.metadata,
                               [False])[0]
         assert body["explanation"]["views_averaged"] == 4
+
+
+@pytest.mark.parametrize("args,words", [
+    (("--min-side", "0"), "min_side must be a whole number of pixels >= 1"),
+    (("--min-sharpness", "-1"), "min_sharpness must be >= 0"),
+    (("--max-clipped", "0"), "max_clipped must be in (0, 1]"),
+    (("--median-luminance", "200", "100"), "0 <= low < high <= 255"),
+])
+def test_bad_input_check_limits_fail_fast(args: tuple[str, ...], words: str, tmp_path: Path) -> None:
+    proc = run_build(*args, output_dir=tmp_path, check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and last.startswith("build_mar: error: input-check limits:") and words in last, last
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_refuses_to_overwrite_without_force(demo_archive: Path) -> None:

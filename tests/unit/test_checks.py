@@ -5,13 +5,14 @@ as an archive serves it. The checks never change the score."""
 from __future__ import annotations
 
 import io
+import re
 
 import cv2
 import numpy as np
 import pytest
 import torch
 
-from exporter.checkpoint import load_checkpoint
+from exporter.checkpoint import LoadedCheckpoint
 from exporter.export import (
     FEATURE_STAGES,
     LogitAndFeatures,
@@ -126,15 +127,9 @@ def images() -> dict[str, list[np.ndarray]]:
             "nonlesion": [im for _, im in nonlesion_images(25, seed=0)]}
 
 
-def _checkpoint(weights: str, request: pytest.FixtureRequest):  # noqa: ANN202
-    if weights == "demo":
-        return demo_checkpoint()
-    return load_checkpoint(request.getfixturevalue("trained_checkpoint"))
-
-
-def test_out_of_distribution_flags_non_lesions_and_not_lesions(weights: str, request: pytest.FixtureRequest,
+def test_out_of_distribution_flags_non_lesions_and_not_lesions(weights: str, checkpoint_of: LoadedCheckpoint,
                                                                  images: dict[str, list[np.ndarray]]) -> None:
-    ckpt = _checkpoint(weights, request)
+    ckpt = checkpoint_of
     scorer = Scorer(load_model(export_torchscript(ckpt, CFG.image_size)), CFG)
     sizes = feature_sizes(ckpt)
     assert list(sizes) == list(FEATURE_STAGES)
@@ -185,3 +180,23 @@ def test_the_served_module_outputs_the_logit_then_the_pooled_stages() -> None:
 
 def test_fixed_limits_are_recorded_with_the_archive_defaults() -> None:
     assert QualityLimits.from_mapping(QualityLimits().to_mapping()) == QualityLimits()
+
+
+@pytest.mark.parametrize("values,words", [
+    ({"min_side": 0}, "min_side must be a whole number of pixels >= 1"),
+    ({"min_side": 12.5}, "min_side must be a whole number of pixels >= 1"),
+    ({"min_sharpness": -1.0}, "min_sharpness must be >= 0"),
+    ({"min_sharpness": float("nan")}, "min_sharpness must be a finite number"),
+    ({"max_clipped": 0.0}, "max_clipped must be in (0, 1]"),
+    ({"max_clipped": 1.5}, "max_clipped must be in (0, 1]"),
+    ({"min_median": 200.0, "max_median": 100.0}, "0 <= low < high <= 255"),
+    ({"max_median": 300.0}, "0 <= low < high <= 255"),
+])
+def test_limits_off_their_scale_are_refused(values: dict[str, float], words: str) -> None:
+    """Where a limit is set (build_mar.sh) and where it is read back (metadata.json), with the rule it breaks."""
+    with pytest.raises(ValueError, match=re.escape(words)):
+        QualityLimits(**values)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=re.escape(words)):
+        QualityLimits.from_mapping({**QualityLimits().to_mapping(), **values})
+    edge = QualityLimits(min_side=1, min_sharpness=0.0, max_clipped=1.0, min_median=0.0, max_median=255.0)
+    assert QualityLimits.from_mapping(edge.to_mapping()) == edge  # the widest limits are allowed

@@ -129,12 +129,10 @@ def test_bound_is_relative_to_the_logit_and_the_network_scale() -> None:
         verify(eager, lambda x: eager(x).repeat(1, 2), 128)
 
 
-@pytest.mark.parametrize("which", ["demo", "trained"])
-def test_load_model_optimises_in_place(which: str, trained_checkpoint: Path) -> None:
+def test_load_model_optimises_in_place(checkpoint_of: LoadedCheckpoint) -> None:
     """The served fp32 model: oneDNN-optimised like torch.jit.optimize_for_inference, bit for bit, without
     its second freeze (a clone that keeps the original graph and a copy of the weights alive)."""
-    ckpt = demo_checkpoint() if which == "demo" else load_checkpoint(trained_checkpoint)
-    data = export_torchscript(ckpt, 128)
+    data = export_torchscript(checkpoint_of, 128)
     ours = load_model(data)
     assert "to_mkldnn" in str(ours.graph), "the optimize-for-inference pass did not run"
     with pytest.warns(DeprecationWarning):
@@ -146,13 +144,11 @@ def test_load_model_optimises_in_place(which: str, trained_checkpoint: Path) -> 
         assert torch.equal(ours(x), theirs(x))
 
 
-@pytest.mark.parametrize("which", ["demo", "trained"])
-def test_same_archive_tolerance_is_a_margin_over_the_noise_floor(which: str, trained_checkpoint: Path) -> None:
+def test_same_archive_tolerance_is_a_margin_over_the_noise_floor(checkpoint_of: LoadedCheckpoint) -> None:
     """testkit.tolerance.SAME_ARCHIVE_DP, the bound every served-against-offline comparison uses, stays MARGIN
     times above what a change of oneDNN's reduction order does to a TTA probability: the 8 views scored one at
     a time, and on one thread, against one batch (how every path scores)."""
-    ckpt = demo_checkpoint() if which == "demo" else load_checkpoint(trained_checkpoint)
-    model = load_model(export_torchscript(ckpt, 128))
+    model = load_model(export_torchscript(checkpoint_of, 128))
     threads, floor = torch.get_num_threads(), 0.0
     with torch.inference_mode():
         for image in verification_images(128):
