@@ -76,6 +76,6 @@ def quantize(module: nn.Module, calibration: Sequence[torch.Tensor], image_size:
         for i in range(0, len(calibration), 8):
             prepared(tta_views(torch.stack(list(calibration[i:i + 8])), CALIBRATION_VIEWS))
         converted = convert_pt2e(prepared)
-    info = {"quantizer": QUANTIZER, "torchao": metadata.version("torchao"), "calibration_images": len(calibration),
-            "kept_fp32": kept, "activation_bits": 7}
+    # How many images calibrated it is the agreement's `calibrated_on` (exporter/precision.py): not repeated here.
+    info = {"quantizer": QUANTIZER, "torchao": metadata.version("torchao"), "kept_fp32": kept, "activation_bits": 7}
     return converted, info

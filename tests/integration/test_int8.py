@@ -56,7 +56,7 @@ def test_int8_agreement_measured_on_trained_weights(int8_build: tuple[Path, subp
     max_dp = float(report.split("max |dp| ")[1].split(",")[0])
     prec = load_archive(store / "melanoma.mar").metadata.precision
     assert prec["name"] == "int8" and prec["images"] == 72 and prec["labelled"] == 72
-    assert prec["calibrated_on"] == 24 and prec["calibration_images"] == 24
+    assert prec["calibrated_on"] == 24 and "calibration_images" not in prec  # said once
     assert prec["max_abs_dp"] == pytest.approx(max_dp, abs=1e-4) and max_dp > 0
     assert prec["auc_fp32"] >= 0.95
     if first.returncode == 0:
