@@ -502,6 +502,14 @@ def verification_images(image_size: int, n: int = 16) -> torch.Tensor:
     return torch.stack([preprocess(np.clip(im, 0, 255).astype(np.uint8), cfg) for im in images[:n]])
 
 
+def logit_bound(ref: torch.Tensor, relative: float = RTOL,
+                typical: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """The export bound on |dlogit| for each logit in `ref`: relative x (|logit| + scale), where scale is the typical
+    |logit| (the median over `typical`, by default `ref` itself), at least 1. Returns (bound, scale)."""
+    scale = max(1.0, float((ref if typical is None else typical).abs().median()))
+    return relative * (ref.abs() + scale), scale
+
+
 def verify(eager: nn.Module, exported: Callable[[torch.Tensor], torch.Tensor], image_size: int,
            relative: float = RTOL, what: str = "TorchScript export", photos: torch.Tensor | None = None) -> float:
     """Compare logits on realistic images and noise, in batches of 3 and 8, and TTA probabilities through
@@ -533,9 +541,8 @@ def verify(eager: nn.Module, exported: Callable[[torch.Tensor], torch.Tensor], i
                 ref_feats.append(ref_feat)
                 got_feats.append(torch.split(got[:, 1:], [f.shape[1] for f in ref_feat], dim=1))
     ref, got = torch.cat(refs), torch.cat(gots)
-    scale = max(1.0, float(ref[:len(photos)].abs().median()))  # on the photos: noise is no typical input
+    bound, scale = logit_bound(ref, relative, ref[:len(photos)])  # typical on the photos: noise is no typical input
     diff = (got - ref).abs()
-    bound = relative * (ref.abs() + scale)
     worst = float(diff.max())
     if not bool((diff <= bound).all()):
         i = int((diff - bound).argmax())

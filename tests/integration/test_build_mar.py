@@ -124,7 +124,7 @@ LIMITS = ("--min-side", "64", "--min-sharpness", "1e9", "--max-clipped", "0.5", 
 @pytest.mark.parametrize("views", [1, 4])
 def test_tta_views_option_reaches_the_archive(views: int, tmp_path: Path) -> None:
     """Also: --no-explain leaves explain.pt out (the views=1 build); explanations follow the views (4). The
-    views=1 build also sets every input-check limit: the archive records and serves those, not the defaults."""
+    views=1 build also sets every input-check limit: the archive records and scores with those, not the defaults."""
     extra = ("--no-explain", *LIMITS) if views == 1 else ()
     run_build("--tta-views", str(views), *extra, output_dir=tmp_path)
     archive = load_archive(tmp_path / "melanoma.mar")
@@ -137,15 +137,13 @@ def test_tta_views_option_reaches_the_archive(views: int, tmp_path: Path) -> Non
         assert checks["blur"]["flagged"] and checks["blur"]["min_sharpness"] == 1e9  # no image is that sharp
         assert checks["exposure"]["max_clipped"] == 0.5 and checks["exposure"]["median_range"] == [10.0, 250.0]
         assert checks["resolution"]["min_side"] == 64 and not checks["passed"]
-    else:
-        assert archive.metadata.checks["limits"]["min_sharpness"] == 5.0 and not checks["blur"]["flagged"]
-    if extra:
         assert archive.metadata.explain is None and not archive.has_member("explain.pt")
         assert (tmp_path / "melanoma.mar").stat().st_size < 150 * 2**20
         with pytest.raises(InputError) as e:
             load_explainer(archive)
         assert e.value.status == 501
     else:
+        assert archive.metadata.checks["limits"]["min_sharpness"] == 5.0 and not checks["blur"]["flagged"]
         body = explain_images(load_explainer(archive), [data], [archive.scorer.score_bytes(data)], archive.metadata,
                               [False])[0]
         assert body["explanation"]["views_averaged"] == 4

@@ -11,13 +11,13 @@ import pytest
 import torch
 from torch import nn
 
-from exporter.checkpoint import CheckpointError, build_model, load_checkpoint
+from exporter.checkpoint import CheckpointError, LoadedCheckpoint, build_model, load_checkpoint
 from exporter.export import (
-    RTOL,
     MalignancyLogit,
     cpu_flags_for,
     demo_checkpoint,
     export_torchscript,
+    logit_bound,
 )
 from handler.archive import load_model
 from handler.pipeline import PipelineConfig, preprocess
@@ -40,10 +40,10 @@ def logits(model: nn.Module, x: torch.Tensor, outputs: int = 1) -> torch.Tensor:
 
 
 def assert_within_export_bound(got: torch.Tensor, ref: torch.Tensor) -> None:
-    """The build's own bound, RTOL x (|logit| + typical |logit|): relative, as fp32 rounding through the network is."""
-    scale = max(1.0, float(ref.abs().median()))
+    """The build's own bound (exporter.export.logit_bound): relative, as fp32 rounding through the network is."""
+    bound, _ = logit_bound(ref)
     diff = (got - ref).abs()
-    assert bool((diff <= RTOL * (ref.abs() + scale)).all()), f"max |dlogit| {float(diff.max()):.2e} at logits {ref}"
+    assert bool((diff <= bound).all()), f"max |dlogit| {float(diff.max()):.2e} at logits {ref}"
     assert float(ref.std()) > 0  # the images really score differently
 
 
@@ -98,7 +98,7 @@ def test_lightning_checkpoint_with_extra_modules_ignores_them(reference: nn.Modu
     assert any("criterion.pos_weight" in n for n in loaded.notes)
 
 
-def test_torchscript_file(checkpoint_of, batch: torch.Tensor, tmp_path: Path) -> None:  # noqa: ANN001
+def test_torchscript_file(checkpoint_of: LoadedCheckpoint, batch: torch.Tensor, tmp_path: Path) -> None:
     """A traced model file loads as the model it was traced from, on the demo and the trained fixture: within
     the build's relative bound (the same kernels; only TorchScript's graph passes may reorder arithmetic)."""
     model = checkpoint_of.module.eval()
@@ -196,7 +196,7 @@ def test_bad_checkpoints_fail_with_one_clear_line(reference: nn.Module, tmp_path
         load_checkpoint(tmp_path)
 
 
-def test_export_matches_eager_for_other_batch_sizes(checkpoint_of) -> None:  # noqa: ANN001
+def test_export_matches_eager_for_other_batch_sizes(checkpoint_of: LoadedCheckpoint) -> None:
     """A batch of 5 (the export verifies 3 and 8), on noise, on the demo and the trained fixture: within the
     bound the build enforces, RTOL x (|logit| + the typical |logit|), which is relative because fp32 rounding
     through the network is (a fixed atol failed ordinary trained logits before)."""
