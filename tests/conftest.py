@@ -3,11 +3,12 @@ network trained by train/ (the trained fixture) so that every numeric check also
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,24 @@ def compile_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def _once(factory: pytest.TempPathFactory, name: str, make: Callable[[Path], object]) -> Path:
+    """A folder made by `make` once per test run, whichever pytest-xdist worker asks first; the others wait
+    for it and read the same files (each worker has its own basetemp below the run's one). A folder left
+    half-made by a failed `make` is made again, never read."""
+    base = factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    path, done = base / name, base / f"{name}.done"
+    with open(base / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if not done.exists():
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir()
+            make(path)
+            done.touch()
+    return path
+
+
 def _require_java() -> None:
     if shutil.which("java") is None:
         pytest.fail("Java 17 is required for the integration tests (sudo apt-get install openjdk-17-jre-headless)")
@@ -40,11 +59,13 @@ def _require_java() -> None:
 
 def _test_store(factory: pytest.TempPathFactory, name: str, *checkpoint: str) -> Path:
     """A model store holding one archive, with batchSize 4 and a maxBatchDelay long enough for concurrent
-    requests in the tests to be batched together by TorchServe (the shipped default is 1)."""
-    store = factory.mktemp(name) / "model_store"
-    store.mkdir()
-    run_build(*checkpoint, "--batch-size", "4", "--max-batch-delay", "300", output_dir=store)
-    return store
+    requests in the tests to be batched together by TorchServe (the shipped default is 1). Built once per
+    run; every worker serves it from its own server."""
+    def make(folder: Path) -> None:
+        (folder / "model_store").mkdir()
+        run_build(*checkpoint, "--batch-size", "4", "--max-batch-delay", "300", output_dir=folder / "model_store")
+
+    return _once(factory, f"{name}-store", make) / "model_store"
 
 
 def _serve(store: Path, factory: pytest.TempPathFactory, name: str) -> Iterator[Server]:
@@ -71,28 +92,26 @@ def server(demo_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("synthetic")
-    write_dataset(root, FIXTURE_IMAGES, seed=0)
-    return root
+    return _once(tmp_path_factory, "synthetic", lambda root: write_dataset(root, FIXTURE_IMAGES, seed=0))
 
 
 @pytest.fixture(scope="session")
 def heldout_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Images the fixture never saw (another seed): train.csv + jpeg/."""
-    root = tmp_path_factory.mktemp("heldout")
-    write_dataset(root, HELDOUT_IMAGES, seed=1)
-    return root
+    return _once(tmp_path_factory, "heldout", lambda root: write_dataset(root, HELDOUT_IMAGES, seed=1))
 
 
 @pytest.fixture(scope="session")
 def trained_run(synthetic_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The run folder of `python -m train`, exactly as a user runs it."""
-    out = tmp_path_factory.mktemp("trained") / "run"
-    cmd = [sys.executable, "-m", "train", "--labels", str(synthetic_data / "train.csv"),
-           "--images", str(synthetic_data / "jpeg"), "--out", str(out), *FIXTURE_TRAIN_ARGS, "--no-progress"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1800)
-    assert proc.returncode == 0, f"training the fixture failed: {proc.stderr[-3000:]}"
-    return out
+    """The run folder of `python -m train`, exactly as a user runs it (trained once per run)."""
+    def make(folder: Path) -> None:
+        cmd = [sys.executable, "-m", "train", "--labels", str(synthetic_data / "train.csv"),
+               "--images", str(synthetic_data / "jpeg"), "--out", str(folder / "run"), *FIXTURE_TRAIN_ARGS,
+               "--no-progress"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1800)
+        assert proc.returncode == 0, f"training the fixture failed: {proc.stderr[-3000:]}"
+
+    return _once(tmp_path_factory, "trained-run", make) / "run"
 
 
 @pytest.fixture(scope="session")
