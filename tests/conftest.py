@@ -25,6 +25,25 @@ FIXTURE_TRAIN_ARGS = ("--epochs", "3", "--batch-size", "16", "--lr", "1e-3", "--
 FIXTURE_IMAGES, HELDOUT_IMAGES = 400, 96
 
 
+def _pin_xdist_worker() -> None:
+    """Under pytest-xdist (scripts/test.sh), worker k gets its own share of this machine's CPUs. Its torch, and
+    all it starts (builds, training, TorchServe and its worker), inherit the affinity and size their threads to
+    it (handler.archive.usable_cpus), so workers never run more compute threads than there are cores: OpenMP
+    threads oversubscribed 2:1 made the suite slower than one process."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    cpus = sorted(os.sched_getaffinity(0))
+    if not worker or count < 2 or count > len(cpus):
+        return
+    share = len(cpus) // count
+    k = int(worker.removeprefix("gw"))
+    os.sched_setaffinity(0, cpus[k * share:(k + 1) * share])
+    if "torch" in sys.modules:  # imported before this conftest: it sized its threads to every CPU
+        sys.modules["torch"].set_num_threads(share)
+
+
+_pin_xdist_worker()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def compile_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A bf16 package is compiled once per session per weights: every build_mar.sh here runs with a private
