@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from testkit.harness import ROOT, Server, run_build, start_server, stop_server
+from testkit.harness import ROOT, Server, on_run_cpus, run_build, start_server, stop_server
 from train.synthetic import write_dataset
 
 # The trained fixture: resnest50_fast_4s1x64d trained from scratch by `python -m train` (all layers, BatchNorm
@@ -34,6 +34,7 @@ def _pin_xdist_worker() -> None:
     cpus = sorted(os.sched_getaffinity(0))
     if not worker or count < 2 or count > len(cpus):
         return
+    os.environ["MELANOMA_RUN_CPUS"] = ",".join(map(str, cpus))  # testkit.harness.on_run_cpus
     share = len(cpus) // count
     k = int(worker.removeprefix("gw"))
     os.sched_setaffinity(0, cpus[k * share:(k + 1) * share])
@@ -127,7 +128,7 @@ def trained_run(synthetic_data: Path, tmp_path_factory: pytest.TempPathFactory) 
         cmd = [sys.executable, "-m", "train", "--labels", str(synthetic_data / "train.csv"),
                "--images", str(synthetic_data / "jpeg"), "--out", str(folder / "run"), *FIXTURE_TRAIN_ARGS,
                "--no-progress"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1800)
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1800, preexec_fn=on_run_cpus)
         assert proc.returncode == 0, f"training the fixture failed: {proc.stderr[-3000:]}"
 
     return _once(tmp_path_factory, "trained-run", make) / "run"
