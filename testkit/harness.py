@@ -23,18 +23,15 @@ VENV_BIN = ROOT / ".venv" / "bin"
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
-def run_cpus() -> set[int]:
-    """Every CPU of the test run: tests/conftest.py pins each pytest-xdist worker to its own share and notes
-    the whole set first (MELANOMA_RUN_CPUS); outside the suite, this process's CPUs."""
-    noted = os.environ.get("MELANOMA_RUN_CPUS")
-    return {int(c) for c in noted.split(",")} if noted else os.sched_getaffinity(0)
-
-
 def on_run_cpus() -> None:
-    """A subprocess's preexec_fn: run on every CPU of the test run, as without xdist. Training is the one
-    child that needs it: the trained fixture and a resumed run's weights depend on the number of torch threads
-    (trained on one thread, the fixture came out another network and the resume test's weights differed)."""
-    os.sched_setaffinity(0, run_cpus())
+    """A subprocess's preexec_fn: run on every CPU of the test run, as without xdist. tests/conftest.py notes
+    them (MELANOMA_RUN_CPUS) before it pins a pytest-xdist worker to its share; unpinned, a child already has
+    them all. Training is the one child that needs it: the trained fixture and a resumed run's weights depend on
+    the number of torch threads (trained on one thread, the fixture came out another network and the resume
+    test's weights differed)."""
+    noted = os.environ.get("MELANOMA_RUN_CPUS")
+    if noted:
+        os.sched_setaffinity(0, {int(c) for c in noted.split(",")})
 
 
 def run_build(*args: str, output_dir: Path, check: bool = True,

@@ -23,6 +23,7 @@ from train.synthetic import write_dataset
 FIXTURE_TRAIN_ARGS = ("--epochs", "3", "--batch-size", "16", "--lr", "1e-3", "--warmup-epochs", "0.5",
                       "--precision", "fp32", "--device", "cpu", "--seed", "7", "--save-every", "0")
 FIXTURE_IMAGES, HELDOUT_IMAGES = 400, 96
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # "gw0", "gw1", ... under pytest-xdist; None in one process
 
 
 def _pin_xdist_worker() -> None:
@@ -30,13 +31,15 @@ def _pin_xdist_worker() -> None:
     all it starts (builds, training, TorchServe and its worker), inherit the affinity and size their threads to
     it (handler.archive.usable_cpus), so workers never run more compute threads than there are cores: OpenMP
     threads oversubscribed 2:1 made the suite slower than one process."""
-    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not XDIST_WORKER or count < 2 or not hasattr(os, "sched_setaffinity"):  # affinity is Linux-only
+        return
     cpus = sorted(os.sched_getaffinity(0))
-    if not worker or count < 2 or count > len(cpus):
+    if count > len(cpus):
         return
     os.environ["MELANOMA_RUN_CPUS"] = ",".join(map(str, cpus))  # testkit.harness.on_run_cpus
     share = len(cpus) // count
-    k = int(worker.removeprefix("gw"))
+    k = int(XDIST_WORKER.removeprefix("gw"))
     os.sched_setaffinity(0, cpus[k * share:(k + 1) * share])
     if "torch" in sys.modules:  # imported before this conftest: it sized its threads to every CPU
         sys.modules["torch"].set_num_threads(share)
@@ -59,7 +62,7 @@ def _once(factory: pytest.TempPathFactory, name: str, make: Callable[[Path], obj
     for it and read the same files (each worker has its own basetemp below the run's one). A folder left
     half-made by a failed `make` is made again, never read."""
     base = factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
+    if XDIST_WORKER:
         base = base.parent
     path, done = base / name, base / f"{name}.done"
     with open(base / f"{name}.lock", "w") as lock:
@@ -144,7 +147,7 @@ def _train_first(request: pytest.FixtureRequest) -> None:
     """Under pytest-xdist, when any test of the run needs the trained fixture, every worker asks for it before
     its first test: one trains on every core while the others wait, instead of training two threads beside a
     busy worker (measured: 424 s instead of ~100 s, and the worker beside it slowed as much)."""
-    if os.environ.get("PYTEST_XDIST_WORKER") and any(_needs_trained(i) for i in request.session.items):
+    if XDIST_WORKER and any(_needs_trained(i) for i in request.session.items):
         request.getfixturevalue("trained_run")
 
 
