@@ -26,9 +26,9 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 def on_run_cpus() -> None:
     """A subprocess's preexec_fn: run on every CPU of the test run, as without xdist. tests/conftest.py notes
     them (MELANOMA_RUN_CPUS) before it pins a pytest-xdist worker to its share; unpinned, a child already has
-    them all. Training is the one child that needs it: the trained fixture and a resumed run's weights depend on
-    the number of torch threads (trained on one thread, the fixture came out another network and the resume
-    test's weights differed)."""
+    them all. Training is the one child that needs it: the trained fixture is trained on torch's default thread
+    count, and the thread count decides the weights (trained on one thread, the fixture came out another
+    network); the resume test trains with --threads 2 and is faster on every core."""
     noted = os.environ.get("MELANOMA_RUN_CPUS")
     if noted:
         os.sched_setaffinity(0, {int(c) for c in noted.split(",")})

@@ -68,6 +68,9 @@ class Settings:
     precision: str = "fp32"  # resolved: fp32 or bf16 (autocast)
     device: str = "cpu"  # resolved: cpu or cuda
     image_size: int = 128
+    # Torch's intra-op threads: they decide the order of the fp32 sums, so the weights to the last bit. A resumed
+    # run keeps the interrupted run's count; 0 in checkpoints written before it was recorded.
+    threads: int = 0
 
 
 class TrainError(Exception):
@@ -163,6 +166,15 @@ def initial_model(init: str | None) -> nn.Module:
     return ckpt.module
 
 
+def thread_note(was: dict[str, Any], settings: Settings) -> str | None:
+    """The warning a resume on another thread count deserves (it runs: the result is still a trained network)."""
+    if was.get("threads", settings.threads) == settings.threads:
+        return None
+    return (f"train: warning: the interrupted run used {was['threads']} torch thread(s), this one uses "
+            f"{settings.threads}: the weights will differ from an uninterrupted run's (the thread count orders the "
+            "fp32 sums, and training amplifies the round-off)")
+
+
 def run(settings: Settings, out: Path, *, resume: bool, save_every: int, workers: int, progress: bool) -> dict:
     cfg = PipelineConfig(image_size=settings.image_size)
     dataset = load_dataset(Path(settings.labels), Path(settings.images))
@@ -177,10 +189,13 @@ def run(settings: Settings, out: Path, *, resume: bool, save_every: int, workers
             raise TrainError(f"--resume: {out / LAST} does not exist; start without --resume")
         state = torch.load(out / LAST, map_location="cpu", weights_only=True)
         was = state["hyper_parameters"]
-        changed = [k for k, v in asdict(settings).items() if was.get(k) != v]
+        changed = [k for k, v in asdict(settings).items() if k != "threads" and was.get(k) != v]
         if changed:
             raise TrainError(f"--resume: {', '.join(changed)} differ from the interrupted run's; resume with the "
                              "same settings or train into a new --out")
+        note = thread_note(was, settings)
+        if note:
+            print(note, file=sys.stderr)
 
     bar = _bar(progress, len(dataset.paths), "caching images")
     cache = build_cache(dataset.paths, cfg, out / "cache", workers, bar.update if bar else None)
@@ -318,16 +333,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     ap.add_argument("--save-every", type=int, default=100, help="write last.ckpt every N steps (default 100)")
     ap.add_argument("--workers", type=int, default=0, help="decode threads for the cache (0: every CPU)")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads (0: torch's default; with --resume, the interrupted run's count)")
     ap.add_argument("--no-progress", action="store_true")
     return ap.parse_args(argv)
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    if args.resume and (Path(args.out) / LAST).exists() and not args.labels:
-        # Everything but the run folder comes from the interrupted run.
-        was = torch.load(Path(args.out) / LAST, map_location="cpu", weights_only=True)["hyper_parameters"]
-        return Settings(**{k: was[k] for k in Settings.__dataclass_fields__})
+    last = Path(args.out) / LAST
+    was = None
+    if args.resume and last.exists():
+        was = torch.load(last, map_location="cpu", weights_only=True, mmap=True)["hyper_parameters"]
+    # --threads, else the interrupted run's count (on one core torch's default is 1, and a run trained with 2
+    # then resumed with 1 came out other weights), else torch's default for this process's CPUs.
+    threads = args.threads or (was or {}).get("threads") or torch.get_num_threads()
+    if was is not None and not args.labels:
+        # Everything but the run folder and the thread count comes from the interrupted run.
+        return Settings(**{**{k: was[k] for k in Settings.__dataclass_fields__ if k != "threads"},
+                           "threads": threads})
     if not args.labels or not args.images:
         raise TrainError("--labels and --images are required (except with --resume)")
     for name in ("epochs", "batch_size"):
@@ -353,15 +376,14 @@ def settings_from(args: argparse.Namespace) -> Settings:
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         warmup_epochs=args.warmup_epochs, pos_weight=pos_weight, val_fraction=args.val_fraction,
         seed=args.seed, augment=not args.no_augment, precision=resolve_precision(args.precision, device),
-        device=device)
+        device=device, threads=threads)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
         settings = settings_from(args)
+        torch.set_num_threads(settings.threads)
         print(f"train: {ARCHITECTURE}, {settings.image_size} px, {settings.device}, {settings.precision}, "
               f"{torch.get_num_threads()} thread(s)", file=sys.stderr)
         summary = run(settings, Path(args.out), resume=args.resume, save_every=args.save_every,

@@ -27,9 +27,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 TRAIN = [sys.executable, "-m", "train"]
 
 
-def train(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
+def train(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*TRAIN, *args, "--no-progress"], capture_output=True, text=True, cwd=ROOT,
-                          timeout=900, preexec_fn=on_run_cpus, **kw)
+                          timeout=900, preexec_fn=on_run_cpus, env=env)
 
 
 def test_fixture_learns_the_task_on_held_out_images(trained_run: Path, trained_archive: Path,
@@ -111,8 +111,11 @@ def test_resume_after_a_kill_mid_epoch_gives_the_same_result(tmp_path: Path) -> 
     proc.wait()
     assert progress.get("epoch") == 1, f"the run ended before it could be killed mid-epoch: {progress}"
 
-    resumed = train("--out", str(killed), "--resume")
+    # Resumed where torch's default is 1 thread (a one-core machine): it must keep the run's 2 (SMALL), or the
+    # arithmetic differs (it did: resumed on one thread, conv1 moved beyond the bound below).
+    resumed = train("--out", str(killed), "--resume", env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert resumed.returncode == 0, resumed.stderr
+    assert ", 2 thread(s)" in resumed.stderr and "warning" not in resumed.stderr, resumed.stderr
     assert "train: resuming at epoch 2, step " in resumed.stderr
     assert "step 0 of" not in resumed.stderr  # it resumed mid-epoch
     a, b = _final_weights(tmp_path / "straight"), _final_weights(killed)
