@@ -13,9 +13,11 @@ Benchmarks are not tests: nothing here asserts on time.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -391,6 +393,13 @@ def table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def scratch(prefix: str) -> Path:
+    """A temp folder for an archive built for this run, removed when the run ends (each is ~100 MB)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--archive", default=str(ROOT / "model_store" / "melanoma.mar"),
@@ -427,7 +436,7 @@ def main() -> int:
     if not archive.exists():
         from testkit.harness import run_build
 
-        tmp = Path(tempfile.mkdtemp(prefix="bench-mar."))
+        tmp = scratch("bench-mar.")
         run_build(output_dir=tmp)
         archive = tmp / "melanoma.mar"
     res: dict[str, Any] = {
@@ -446,7 +455,7 @@ def main() -> int:
     if args.bf16 or args.int8:
         others: dict[str, Path] = {}
         if args.bf16:
-            others["bf16"] = build_bf16_demo(Path(tempfile.mkdtemp(prefix="bench-bf16."))) if args.bf16 == "build" \
+            others["bf16"] = build_bf16_demo(scratch("bench-bf16.")) if args.bf16 == "build" \
                 else Path(args.bf16)
         if args.int8:
             others["int8"] = Path(args.int8)

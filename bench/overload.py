@@ -261,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def gateway_run(args: argparse.Namespace, mix: list[Any], photo: bytes, reference: float) -> dict[str, Any]:
     """deploy/nginx/cluster.py with one instance, started as a user would (its own temp folder and ports)."""
+    import shutil
     import tempfile
 
     from testkit.harness import cluster_module, free_ports
@@ -279,6 +280,7 @@ def gateway_run(args: argparse.Namespace, mix: list[Any], photo: bytes, referenc
         return measure(gateway_target(cluster, cl), mix, photo, reference, args)
     finally:
         cl.stop(cluster)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -64,6 +65,7 @@ class Server:
     workdir: Path
     proc: subprocess.Popen[bytes]
     props: dict[str, str] = field(default_factory=dict)
+    scratch: Path | None = None  # serve_archive's temp folder: stop_server removes it
 
     def keys(self) -> dict[str, str]:
         data = json.loads((self.workdir / "key_file.json").read_text())
@@ -138,12 +140,18 @@ def start_server(store: Path, workdir: Path, overrides: dict[str, str] | None = 
 
 def serve_archive(archive: Path, prefix: str = "bench-ts.", overrides: dict[str, str] | None = None) -> Server:
     """Real TorchServe (repo config, free loopback ports) serving `archive` as melanoma.mar from a fresh temp
-    folder."""
+    folder, which stop_server removes."""
     work = Path(tempfile.mkdtemp(prefix=prefix))
     store = work / "model_store"
     store.mkdir()
     (store / "melanoma.mar").symlink_to(archive.resolve())
-    return start_server(store, work / "run", overrides)
+    try:
+        server = start_server(store, work / "run", overrides)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    server.scratch = work
+    return server
 
 
 def cluster_module():  # noqa: ANN201 (a module loaded from a file)
@@ -193,6 +201,8 @@ def stop_server(server: Server, timeout: float = 30) -> None:
     except subprocess.TimeoutExpired:
         pass
     (server.workdir / ".model_server.pid").unlink(missing_ok=True)
+    if server.scratch is not None:  # its extracted model (~60-200 MB) and key file would outlive every run
+        shutil.rmtree(server.scratch, ignore_errors=True)
 
 
 def _pgid(p: object) -> int | None:
