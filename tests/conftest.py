@@ -3,7 +3,6 @@ network trained by train/ (the trained fixture) so that every numeric check also
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from testkit.harness import ROOT, Server, on_run_cpus, run_build, start_server, stop_server
+from testkit.once import once
 from train.synthetic import write_dataset
 
 # The trained fixture: resnest50_fast_4s1x64d trained from scratch by `python -m train` (all layers, BatchNorm
@@ -58,21 +58,9 @@ def compile_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _once(factory: pytest.TempPathFactory, name: str, make: Callable[[Path], object]) -> Path:
-    """A folder made by `make` once per test run, whichever pytest-xdist worker asks first; the others wait
-    for it and read the same files (each worker has its own basetemp below the run's one). A folder left
-    half-made by a failed `make` is made again, never read."""
+    """`make` once per test run, in the run's shared basetemp (each xdist worker has its own below it)."""
     base = factory.getbasetemp()
-    if XDIST_WORKER:
-        base = base.parent
-    path, done = base / name, base / f"{name}.done"
-    with open(base / f"{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
-        if not done.exists():
-            shutil.rmtree(path, ignore_errors=True)
-            path.mkdir()
-            make(path)
-            done.touch()
-    return path
+    return once(base.parent if XDIST_WORKER else base, name, make)
 
 
 def _require_java() -> None:
