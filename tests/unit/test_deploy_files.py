@@ -122,6 +122,9 @@ def test_dockerfile_checklist() -> None:
     assert "openjdk-17-jre-headless" in text and "--no-install-recommends" in text
     assert "rm -rf /var/lib/apt/lists/*" in text and "PIP_NO_CACHE_DIR=1" in text
     assert "-r requirements.txt" in text  # the pinned requirements
+    # --build-arg RUNTIME=openvino installs OpenVINO's pins and builds the archive for it (the default: neither)
+    assert "ARG RUNTIME=torchscript" in text and '--runtime "${RUNTIME}"' in text
+    assert 'if [ "$RUNTIME" = openvino ]; then /venv/bin/pip install -r requirements-openvino.txt; fi' in text
     assert not any(ln.startswith("ADD ") for ln in lines)
     # the checkpoint is mounted for the build step only, never COPYed into a layer
     assert "--mount=type=bind,from=ckpt" in text and not re.search(r"COPY .*\.(ckpt|pt|pth)\b", text)
