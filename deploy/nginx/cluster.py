@@ -3,6 +3,8 @@
 
     deploy/nginx/cluster.py start [--instances N] [--listen 127.0.0.1:8000]   # then:
     curl -H "Authorization: Bearer $(deploy/nginx/cluster.py key)" -T lesion.jpg http://127.0.0.1:8000/predictions/melanoma
+    # on a network, over HTTPS (the gateway key must never cross it in clear):
+    deploy/nginx/cluster.py start --listen 0.0.0.0:8443 --tls-cert certs/server.pem --tls-key certs/server.key
     deploy/nginx/cluster.py refresh     # every minute (melanoma-cluster-refresh.timer): renew keys, reload nginx
     deploy/nginx/cluster.py stop
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import ipaddress
 import json
 import os
 import secrets
@@ -58,6 +61,12 @@ class Cluster:
     store: str
     instances: list[Instance]
     per_instance: int = 4  # requests in flight per instance before nginx sheds with 503 (see nginx.conf.template)
+    tls_cert: str | None = None  # PEM chain and key: nginx terminates HTTPS on `listen`
+    tls_key: str | None = None
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls_cert else 'http'}://{self.listen}"
 
     @property
     def work(self) -> Path:
@@ -73,7 +82,32 @@ class Cluster:
         except OSError:
             raise ClusterError(f"no cluster in {workdir} (run: cluster.py start)") from None
         return cls(d["workdir"], d["listen"], d["store"], [Instance(**i) for i in d["instances"]],
-                   d.get("per_instance", 4))
+                   d.get("per_instance", 4), d.get("tls_cert"), d.get("tls_key"))
+
+
+def is_loopback(listen: str) -> bool:
+    """Whether nginx's `listen` (host:port, [v6]:port, or a bare port: every address) stays on this machine."""
+    host = listen.rsplit(":", 1)[0] if ":" in listen else ""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a bare port, *, or a host name: reachable from the network as far as we know
+        return False
+
+
+def check_tls(cert: str | None, key: str | None, listen: str, insecure_http: bool) -> None:
+    """Refuse, before anything starts, a gateway that would take keys in clear from the network."""
+    if bool(cert) != bool(key):
+        raise ClusterError("--tls-cert and --tls-key go together (the certificate chain and its private key, PEM)")
+    for name, path in (("--tls-cert", cert), ("--tls-key", key)):
+        if path and not os.access(path, os.R_OK):
+            raise ClusterError(f"{name} {path}: not a readable file")
+    if not cert and not is_loopback(listen) and not insecure_http:
+        raise ClusterError(f"--listen {listen} is reachable from the network, where the gateway key would travel in "
+                           "clear: give --tls-cert and --tls-key (scripts/make_cert.sh makes a throwaway pair), or "
+                           "--insecure-http on a network you trust")
 
 
 def nginx_binary() -> str:
@@ -152,8 +186,14 @@ def render(cluster: Cluster) -> None:
     user = "user root;\n" if os.geteuid() == 0 else ""
     text = (HERE / "nginx.conf.template").read_text()
     inflight = str(cluster.per_instance * len(cluster.instances))
-    for name, value in {"work": str(work), "listen": cluster.listen, "upstream_servers": upstream,
-                        "hops": hops, "user": user, "max_inflight": inflight}.items():
+    tls = ""
+    if cluster.tls_cert:
+        tls = (f"        ssl_certificate {cluster.tls_cert};\n"
+               f"        ssl_certificate_key {cluster.tls_key};\n"
+               "        ssl_protocols TLSv1.2 TLSv1.3;\n")
+    for name, value in {"work": str(work), "listen": cluster.listen + (" ssl" if cluster.tls_cert else ""),
+                        "tls": tls, "upstream_servers": upstream, "hops": hops, "user": user,
+                        "max_inflight": inflight}.items():
         text = text.replace("${" + name + "}", value)  # nginx's own $variables stay as they are
     (work / "nginx.conf").write_text(text)
     write_keys(cluster)
@@ -255,7 +295,7 @@ def plan(workdir: Path, store: Path, n: int, listen: str, first_port: int, per_i
     return Cluster(str(workdir), listen, str(store), instances, per_instance)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("command", choices=["start", "stop", "refresh", "key"])
     ap.add_argument("--workdir", default=str(ROOT / "run" / "cluster"), help="state, logs and keys")
@@ -265,20 +305,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--first-port", type=int, default=8100, help="instance i uses first-port + 10*i .. +5")
     ap.add_argument("--per-instance", type=int, default=4,
                     help="requests in flight per instance before nginx answers 503 + Retry-After (default 4)")
+    ap.add_argument("--tls-cert", help="PEM certificate chain: nginx serves HTTPS on --listen")
+    ap.add_argument("--tls-key", help="the certificate's private key (PEM)")
+    ap.add_argument("--insecure-http", action="store_true",
+                    help="allow plain HTTP on a --listen address other than loopback (keys in clear)")
     args = ap.parse_args(argv)
     if args.per_instance < 1:
         ap.error("--per-instance must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     work = Path(args.workdir).resolve()
     try:
         if args.command == "start":
+            check_tls(args.tls_cert, args.tls_key, args.listen, args.insecure_http)
             if not (Path(args.store) / "melanoma.mar").exists():
                 raise ClusterError(f"{args.store}/melanoma.mar not found: build it with ./build_mar.sh")
             work.mkdir(parents=True, exist_ok=True)
             os.chmod(work, 0o700)
             cluster = plan(work, Path(args.store).resolve(), args.instances, args.listen, args.first_port,
                            args.per_instance)
+            if args.tls_cert:  # absolute: `refresh` renders the config again from wherever it runs
+                cluster.tls_cert = str(Path(args.tls_cert).resolve())
+                cluster.tls_key = str(Path(args.tls_key).resolve())
             start(cluster)
-            print(f"serving on http://{args.listen}: {args.instances} instance(s); key: cluster.py key")
+            print(f"serving on {cluster.url}: {args.instances} instance(s); key: cluster.py key")
         elif args.command == "key":
             print(gateway_key(work))
         elif args.command == "refresh":

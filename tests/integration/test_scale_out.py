@@ -3,8 +3,11 @@ request lost when one instance dies mid-load (nginx retries on the other, the cl
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,7 +19,7 @@ import requests
 
 from client.tsclient import Client
 from handler.archive import load_archive
-from testkit.harness import cluster_module, free_ports, missing_system_tool, read_log, run_build
+from testkit.harness import ROOT, cluster_module, free_ports, missing_system_tool, read_log, run_build
 from testkit.imaging import encode, lesion_rgb
 from testkit.load import phone_photo
 from testkit.tolerance import SAME_ARCHIVE_DP
@@ -249,4 +252,37 @@ def test_gateway_sheds_with_503_and_retry_after(cluster: object) -> None:
         assert all(abs(p - reference) <= 1e-6 for p in scored), scored
     finally:
         cluster.per_instance = 4
+        reload_nginx(cluster)
+
+
+def test_https_gateway_with_a_private_ca(cluster: object, store: Path, tmp_path: Path) -> None:
+    """On a network the gateway serves HTTPS (cluster.py --tls-cert/--tls-key, as docs/EC2.md says): the client
+    verifies it against the CA it is given, scores as in-process, and a plain-HTTP request gets no score."""
+    certs = tmp_path / "certs"
+    subprocess.run([str(ROOT / "scripts" / "make_cert.sh"), str(certs)], check=True, capture_output=True)
+    img = tmp_path / "l.jpg"
+    img.write_bytes(encode(lesion_rgb(seed=83)))
+    key = cl.gateway_key(cluster.work)
+    cluster.tls_cert, cluster.tls_key = str(certs / "server.pem"), str(certs / "server.key")
+    reload_nginx(cluster)
+    try:
+        assert cluster.url.startswith("https://")
+        predict = [sys.executable, str(ROOT / "client" / "predict.py"), str(img), "--url", cluster.url,
+                   "--token", key]
+        ok = subprocess.run([*predict, "--cacert", str(certs / "ca.pem"), "--json"], capture_output=True,
+                            text=True, timeout=120)
+        assert ok.returncode == 0, ok.stderr
+        offline = load_archive(store / "melanoma.mar").score(img.read_bytes())["probability"]
+        assert abs(json.loads(ok.stdout)["probability"] - offline) <= SAME_ARCHIVE_DP
+        unverified = subprocess.run(predict, capture_output=True, text=True, timeout=120)
+        assert unverified.returncode == 1 and "certificate verification failed" in unverified.stdout
+        r = None
+        try:
+            r = requests.post(cluster.url.replace("https://", "http://") + "/predictions/melanoma",
+                              data=img.read_bytes(), headers={"Authorization": f"Bearer {key}"}, timeout=10)
+        except requests.RequestException:
+            pass
+        assert r is None or r.status_code != 200  # nginx answers 400 "plain HTTP request sent to HTTPS port"
+    finally:
+        cluster.tls_cert = cluster.tls_key = None
         reload_nginx(cluster)
