@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import zipfile
 from pathlib import Path
@@ -18,8 +19,9 @@ from exporter.export import demo_checkpoint
 from handler.archive import load_archive
 from handler.explain import explain_images, load_explainer
 from handler.pipeline import InputError, PipelineConfig, Score, load_tensor, tta_views
-from testkit.harness import ROOT, run_build
+from testkit.harness import ROOT, run_build, start_server, stop_server
 from testkit.imaging import encode, lesion_rgb
+from testkit.tolerance import SAME_ARCHIVE_DP
 from train.synthetic import lesion
 
 pytestmark = pytest.mark.integration
@@ -46,6 +48,37 @@ def test_demo_archive_contents(demo_archive: Path) -> None:
     # the handler package ships whole: every module in handler/, none listed by hand
     packed = {n for n in names if n.startswith("handler/") and n.endswith(".py")}
     assert packed == {f"handler/{f.name}" for f in (ROOT / "handler").glob("*.py")}
+
+
+def test_a_handler_module_added_later_is_packed_and_served(tmp_path: Path) -> None:
+    """No hand-kept file list: a copy of the build's inputs gets a new module in handler/, imported by the adapter
+    as any new helper would be; its archive holds it, and real TorchServe loads and serves it."""
+    src = tmp_path / "repo"
+    for name in ("exporter", "handler", "isic"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(ROOT / "build_mar.sh", src / "build_mar.sh")
+    (src / ".venv").symlink_to(ROOT / ".venv")
+    (src / "handler" / "added_later.py").write_text('TAG = "added after any list would have been written"\n')
+    adapter = src / "handler" / "melanoma_handler.py"
+    anchor = "from handler import pipeline  # noqa: E402\n"
+    assert anchor in adapter.read_text()
+    adapter.write_text(adapter.read_text().replace(anchor, anchor + "from handler.added_later import TAG  # noqa\n"))
+    store = tmp_path / "model_store"
+    store.mkdir()
+    proc = subprocess.run([str(src / "build_mar.sh"), "--no-explain", "--output-dir", str(store)], cwd=src,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    with zipfile.ZipFile(store / "melanoma.mar") as zf:
+        assert "handler/added_later.py" in zf.namelist()
+    srv = start_server(store, tmp_path / "ts")
+    try:
+        data = encode(lesion_rgb(seed=5))
+        r = srv.predict(data)
+        assert r.status_code == 200, r.text
+        offline = load_archive(store / "melanoma.mar").score(data)["probability"]
+        assert abs(r.json()["probability"] - offline) <= SAME_ARCHIVE_DP
+    finally:
+        stop_server(srv)
 
 
 def test_demo_build_is_deterministic(demo_archive: Path) -> None:
