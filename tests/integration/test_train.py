@@ -18,7 +18,7 @@ import torch
 
 from exporter.checkpoint import load_checkpoint
 from handler.archive import load_archive
-from testkit.harness import ROOT, Server, on_run_cpus
+from testkit.harness import ROOT, Server
 from testkit.imaging import encode, lesion_rgb
 from testkit.tolerance import SAME_ARCHIVE_DP
 from train.synthetic import write_dataset
@@ -28,8 +28,10 @@ TRAIN = [sys.executable, "-m", "train"]
 
 
 def train(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    # On this worker's own CPUs (xdist pins it): SMALL fixes 2 threads and a resume keeps them, so the
+    # arithmetic does not depend on the cores it gets, and the other workers' tests keep theirs.
     return subprocess.run([*TRAIN, *args, "--no-progress"], capture_output=True, text=True, cwd=ROOT,
-                          timeout=900, preexec_fn=on_run_cpus, env=env)
+                          timeout=900, env=env)
 
 
 def test_fixture_learns_the_task_on_held_out_images(trained_run: Path, trained_archive: Path,
@@ -96,7 +98,7 @@ def test_resume_after_a_kill_mid_epoch_gives_the_same_result(tmp_path: Path) -> 
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen([*TRAIN, *common, "--out", str(killed), "--save-every", "1", "--no-progress"],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=on_run_cpus)
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600
     progress: dict = {}
     while time.monotonic() < deadline and proc.poll() is None:
