@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import ipaddress
 import json
 import os
 import secrets
@@ -30,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from client.tsclient import instance_properties, rotate_key, wait_ready
+from client.tsclient import is_loopback as tsclient_is_loopback
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -87,14 +87,7 @@ class Cluster:
 
 def is_loopback(listen: str) -> bool:
     """Whether nginx's `listen` (host:port, [v6]:port, or a bare port: every address) stays on this machine."""
-    host = listen.rsplit(":", 1)[0] if ":" in listen else ""
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a bare port, *, or a host name: reachable from the network as far as we know
-        return False
+    return ":" in listen and tsclient_is_loopback(listen.rsplit(":", 1)[0])
 
 
 def check_tls(cert: str | None, key: str | None, listen: str, insecure_http: bool) -> None:

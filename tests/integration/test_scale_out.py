@@ -64,7 +64,7 @@ def cluster(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[o
 
 
 def gateway(c: object) -> str:
-    return f"http://{c.listen}"
+    return c.url
 
 
 def served_by(c: object) -> list[int]:
