@@ -57,8 +57,17 @@ def quantize(module: nn.Module, calibration: Sequence[torch.Tensor], image_size:
     0.040 with 8 bits (mean 0.0009 against 0.0013); the histogram observer clips less with fewer levels."""
     # torchao logs at import that its CUDA kernels cannot load on a CPU-only torch: true and irrelevant here.
     logging.getLogger("torchao").setLevel(logging.ERROR)
-    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    # torch 2.13 warns, once per import, that torchao registers an Enum as a pytree constant ("... will be an
+    # error in a future release"): a deprecation aimed at torchao's authors, and a second line (with the word
+    # "error") beside a build's one-line refusal. Hushed for the import only; torch.utils._pytree logs as before.
+    pytree_log = logging.getLogger("torch.utils._pytree")
+    level = pytree_log.level
+    pytree_log.setLevel(logging.ERROR)
+    try:
+        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    finally:
+        pytree_log.setLevel(level)
 
     from handler.pipeline import tta_views
 
