@@ -481,6 +481,17 @@ def export_explainer(ckpt: LoadedCheckpoint, image_size: int, layer: str = EXPLA
     return data
 
 
+def feature_scale(features: torch.Tensor) -> torch.Tensor:
+    """The export check's unit for pooled features (N x D): |feature| + the image's mean |feature|."""
+    return features.abs() + features.abs().mean(dim=1, keepdim=True).clamp_min(1e-6)
+
+
+def verification_noise(image_size: int) -> list[torch.Tensor]:
+    """The export check's noise batches (one per VERIFY_BATCHES size), fixed by a seed."""
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(n, 3, image_size, image_size, generator=gen) for n in VERIFY_BATCHES]
+
+
 def verification_images(image_size: int, n: int = 16) -> torch.Tensor:
     """n preprocessed images across the value range a model meets: lesion-like blobs of many tones and
     sizes, flat skin, white, black and saturated colours, dark and over-exposed shots; fixed by a seed."""
@@ -523,9 +534,7 @@ def verify(eager: nn.Module, exported: Callable[[torch.Tensor], torch.Tensor], i
 
     noise: list[torch.Tensor] = []
     if photos is None:
-        photos = verification_images(image_size)
-        gen = torch.Generator().manual_seed(0)
-        noise = [torch.randn(n, 3, image_size, image_size, generator=gen) for n in VERIFY_BATCHES]
+        photos, noise = verification_images(image_size), verification_noise(image_size)
     batches = [photos[:3], photos[3:11], photos[11:], *noise]
     refs, gots, ref_feats, got_feats = [], [], [], []
     with torch.inference_mode():
@@ -556,8 +565,7 @@ def verify(eager: nn.Module, exported: Callable[[torch.Tensor], torch.Tensor], i
     # fixture: <= 7e-6 x (|feature| + scale), 70x under RTOL.
     for j, name in enumerate(FEATURE_STAGES if got_feats else ()):
         rf, gf = torch.cat([r[j] for r in ref_feats]), torch.cat([g[j] for g in got_feats])
-        fscale = rf.abs().mean(dim=1, keepdim=True).clamp_min(1e-6)
-        if not bool(((gf - rf).abs() <= relative * (rf.abs() + fscale)).all()):
+        if not bool(((gf - rf).abs() <= relative * feature_scale(rf)).all()):
             raise ExportError(f"the {what}'s pooled {name} features differ from the eager model's by up to "
                               f"{float((gf - rf).abs().max()):.2e} (bound {relative:g} x (|feature| + the image's "
                               "mean |feature|)); the checkpoint's model does not export faithfully")

@@ -63,10 +63,6 @@ def cluster(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[o
     cl.stop(c)
 
 
-def gateway(c: object) -> str:
-    return c.url
-
-
 def served_by(c: object) -> list[int]:
     """Requests each instance's worker handled so far (from its model log)."""
     out = []
@@ -87,7 +83,7 @@ def test_balanced_correct_and_no_request_lost(cluster: object, store: Path) -> N
     offline = load_archive(store / "melanoma.mar", threads=1)
     images = [encode(lesion_rgb(seed=70 + s)) for s in range(6)]
     expected = [offline.score(d)["probability"] for d in images]
-    client = Client(gateway(cluster), token=key, retries=4, backoff=0.5, timeout=60)
+    client = Client(cluster.url, token=key, retries=4, backoff=0.5, timeout=60)
 
     # 1. every answer correct, both instances serve
     before = served_by(cluster)
@@ -124,7 +120,7 @@ def test_balanced_correct_and_no_request_lost(cluster: object, store: Path) -> N
     killer.join()
     assert not errors, errors
     assert len(results) == 40 and all(abs(p - expected[i % 6]) <= SAME_ARCHIVE_DP for i, p in results.items())
-    assert requests.get(f"{gateway(cluster)}/ping", timeout=10).json()["status"] == "Healthy"
+    assert requests.get(f"{cluster.url}/ping", timeout=10).json()["status"] == "Healthy"
 
     # 4. the same load on the one instance left, for the report: all of it lands on the survivor
     survivor_before = served_by(cluster)[1]
@@ -145,7 +141,7 @@ def _children_of(pid: int) -> list[int]:
 
 
 def test_gateway_rules(cluster: object) -> None:
-    url = gateway(cluster)
+    url = cluster.url
     data = encode(lesion_rgb(seed=80))
     inst_key = cl.instance_key(cluster.instances[-1])[0]
     # why nginx swaps keys instead of passing the client's header through: each instance has its own
@@ -173,7 +169,7 @@ def test_refresh_rotates_expiring_keys_and_reloads(cluster: object, monkeypatch:
     assert cl.refresh(cluster) is True
     h = {"Authorization": f"Bearer {cl.gateway_key(cluster.work)}"}
     wait_reloaded(cluster, old_workers)
-    r = requests.post(f"{gateway(cluster)}/predictions/melanoma", data=encode(lesion_rgb(seed=81)), headers=h,
+    r = requests.post(f"{cluster.url}/predictions/melanoma", data=encode(lesion_rgb(seed=81)), headers=h,
                       timeout=60)
     assert r.status_code == 200, r.text
     for i in alive:
@@ -220,7 +216,7 @@ def test_gateway_sheds_with_503_and_retry_after(cluster: object) -> None:
     photo = phone_photo(2000, 1500, seed=82, quality=95)
     assert len(photo) > 2**20
     key = cl.gateway_key(cluster.work)
-    url = f"{gateway(cluster)}/predictions/melanoma"
+    url = f"{cluster.url}/predictions/melanoma"
     h = {"Authorization": f"Bearer {key}", "Content-Type": "application/octet-stream"}
     first = requests.post(url, data=photo, headers=h, timeout=60)
     assert first.status_code == 200, first.text
@@ -246,7 +242,7 @@ def test_gateway_sheds_with_503_and_retry_after(cluster: object) -> None:
             else:  # the same single-threaded instance code on the same bytes: the same float
                 assert abs(r.json()["probability"] - reference) <= 1e-6
 
-        client = Client(gateway(cluster), token=key, timeout=60)  # the CLI's retries and backoff
+        client = Client(cluster.url, token=key, timeout=60)  # the CLI's retries and backoff
         with ThreadPoolExecutor(n) as pool:
             scored = list(pool.map(lambda _: client.predict_bytes(photo)["probability"], range(n)))
         assert all(abs(p - reference) <= 1e-6 for p in scored), scored
