@@ -137,7 +137,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="keep compiled bf16/int8 packages in this private folder and reuse one when the weights, "
                     "torch, compiler and CPU are the same (default: $MELANOMA_COMPILE_CACHE, else off)")
     ap.add_argument("--force-precision", action="store_true",
-                    help="write the reduced-precision archive even above --max-delta")
+                    help="write the reduced-precision archive even when its agreement with fp32 is above "
+                         "--max-delta; never when the compiled package fails the export check (it does not compute "
+                         "what the network computes at that precision)")
     chk = ap.add_argument_group("input-check limits (docs/INPUT_CHECKS.md; they flag images, never change a score)")
     chk.add_argument("--min-side", type=int, default=None, metavar="PX",
                      help="flag photos whose shorter side is below this (default: the model's input size, 128)")
@@ -277,9 +279,14 @@ def build(args: argparse.Namespace) -> Path:
         agreement = measure(model_bytes, reduced, args.precision, cfg, measured, labels, calibrated_on,
                             "openvino" if args.runtime == "openvino" else None)
         print(agreement.report(args.precision), file=sys.stderr)
-        if agreement.max_abs_dp > args.max_delta and not args.force_precision:
-            raise BuildError(f"{args.precision} differs from fp32 by up to {agreement.max_abs_dp:.4f} in probability "
-                             f"(> --max-delta {args.max_delta}); nothing written (--force-precision to override)")
+        if agreement.max_abs_dp > args.max_delta:
+            if not args.force_precision:
+                raise BuildError(f"agreement: {args.precision} itself is too far from fp32 on your validation "
+                                 f"images: up to {agreement.max_abs_dp:.4f} in probability (> --max-delta "
+                                 f"{args.max_delta}); nothing written (--force-precision writes it anyway)")
+            print(f"WARNING: --force-precision: writing the {args.precision} archive although it differs from fp32 "
+                  f"by up to {agreement.max_abs_dp:.4f} in probability (> --max-delta {args.max_delta}); "
+                  "metadata.json records both", file=sys.stderr)
         precision = {"name": args.precision, "bound": args.max_delta, **agreement.to_mapping(), **compiled}
         model_bytes = reduced
         model_file = ONNX_MODEL_FILE if args.runtime == "openvino" else COMPILED_MODEL_FILE
