@@ -140,8 +140,6 @@ def test_out_of_distribution_flags_non_lesions_and_not_lesions(weights: str, che
             tensors = [preprocess(im, CFG) for im in imgs[i:i + 8]]
             scores, f = scorer.score_and_features(tensors)
             assert f is not None and f.shape == (len(tensors), sum(sizes.values()))
-            if i == 0:  # the checks never change the score: the same pass without reading the features
-                assert [s.probability for s in scores] == scorer.predict(tensors)
             probs += [s.probability for s in scores]
             feats.append(f)
         return probs, np.concatenate(feats)

@@ -49,11 +49,9 @@ def test_faithful_exports_pass(which: str, trained_checkpoint: Path) -> None:
         logits = photo_logits(ckpt)
         assert logits.min() < -15 and logits.max() > 30, "the variant must reach trained-network logit sizes"
     data = export_torchscript(ckpt, 128)  # raises ExportError if refused
-    # The same verdict and the same numbers on every run: the inputs are fixed, and the worst error sits
-    # far below the bound (RTOL is 15x the measured noise floor).
-    eager = MalignancyLogit(ckpt.module, 1).eval()
-    worst = verify(eager, load_model(data), 128)
-    assert worst == verify(eager, load_model(data), 128)
+    # The worst error sits far below the bound (RTOL is 15x the measured noise floor), so the verdict cannot
+    # flip from run to run (bench/verify_builds.py builds each checkpoint 10 times: docs/EXPORT.md).
+    worst = verify(MalignancyLogit(ckpt.module, 1).eval(), load_model(data), 128)
     assert worst <= RTOL * (float(photo_logits(ckpt).abs().max()) + 1) / 5
 
 
