@@ -140,7 +140,8 @@ def write_archive_download(root: Path) -> Download:
     for i, (d1, d2, d3, target) in enumerate(ARCHIVE_DIAGNOSES):
         isic_id = f"ISIC_30{i:05d}"
         rows.append({"isic_id": isic_id, "attribution": "Anonymous", "copyright_license": "CC-BY",
-                     "age_approx": 30 + 10 * (i % 5), "anatom_site_general": ("posterior torso", "lower extremity")[i % 2],
+                     "age_approx": 30 + 10 * (i % 5),
+                     "anatom_site_general": ("posterior torso", "lower extremity")[i % 2],
                      "diagnosis_1": d1, "diagnosis_2": d2, "diagnosis_3": d3,
                      "diagnosis_confirm_type": "histopathology" if d1 else "", "fitzpatrick_skin_type":
                      ("II", "III", "")[i % 3], "image_type": "dermoscopic", "lesion_id": f"IL_30{i:05d}",
