@@ -57,9 +57,10 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def fetch(weights: Weights = IMAGENET, progress: bool = False) -> tuple[Path, str]:
+def fetch(weights: Weights | None = None, progress: bool = False) -> tuple[Path, str]:
     """The weights file in torch hub's cache, downloaded there if absent; (path, its SHA-256). InitError, one
-    line, when it is neither there nor to be had, or is not the published file."""
+    line, when it is neither there nor to be had, or is not the published file. `weights`: IMAGENET."""
+    weights = weights or IMAGENET
     folder = hub_folder()
     path = folder / weights.file_name
     by_hand = (f"download it where the network allows and put it in {folder}/ (torch hub's cache: TORCH_HOME), "
@@ -84,9 +85,11 @@ def fetch(weights: Weights = IMAGENET, progress: bool = False) -> tuple[Path, st
     return path, digest
 
 
-def imagenet_model(weights: Weights = IMAGENET, progress: bool = False) -> tuple[nn.Module, dict[str, str]]:
-    """resnest50_fast_4s1x64d with the ImageNet weights and a new one-logit head (torch's default init, from the
-    current seed); returns the module and what to record about its start (file, address, SHA-256)."""
+def imagenet_model(weights: Weights | None = None, progress: bool = False) -> tuple[nn.Module, dict[str, str]]:
+    """resnest50_fast_4s1x64d with the ImageNet weights (`weights`: IMAGENET) and a new one-logit head (torch's
+    default init, from the current seed); returns the module and what to record about its start (file, address,
+    SHA-256)."""
+    weights = weights or IMAGENET
     path, digest = fetch(weights, progress)
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)

@@ -251,6 +251,12 @@ def run(settings: Settings, out: Path, *, resume: bool, save_every: int, workers
         if note:
             print(note, file=sys.stderr)
 
+    # The start before the cache: a refused --init costs seconds, not the decoding of every image first.
+    torch.manual_seed(settings.seed)
+    if state is None:
+        model, start = initial_model(settings.init)
+    else:  # the weights come from last.ckpt: the start is not fetched again (the ImageNet file may be gone)
+        model, start = build_model(1), {k: v for k, v in state["hyper_parameters"].items() if k in START_KEYS}
     bar = _bar(progress, len(dataset.paths), "caching images")
     cache = build_cache(dataset.paths, cfg, out / "cache", workers, bar.update if bar else None)
     if bar:
@@ -259,11 +265,6 @@ def run(settings: Settings, out: Path, *, resume: bool, save_every: int, workers
                 "validation": [dataset.rows[i].name for i in val_idx],
                 "unused": [dataset.rows[i].name for i in split.unused]}, out / SPLIT)
 
-    torch.manual_seed(settings.seed)
-    if state is None:
-        model, start = initial_model(settings.init)
-    else:  # the weights come from last.ckpt: the start is not fetched again (the ImageNet file may be gone)
-        model, start = build_model(1), {k: v for k, v in state["hyper_parameters"].items() if k in START_KEYS}
     model = model.to(settings.device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
