@@ -84,6 +84,15 @@ def roc_png(y: np.ndarray, p: np.ndarray, groups: np.ndarray | None, path: Path,
     plt.close(fig)
 
 
+def reliability_points(y: np.ndarray, p: np.ndarray, bins: int = metrics.ECE_BINS) -> tuple[np.ndarray, np.ndarray]:
+    """(mean predicted probability, observed melanoma frequency) of each non-empty equal-width bin: scikit-learn's
+    calibration_curve, which also takes a set of one class (an over-confident set of benign lesions is the case
+    the diagram exists for)."""
+    observed, predicted = calibration_curve(np.asarray(y, dtype=int), np.asarray(p, dtype=np.float64), n_bins=bins,
+                                            strategy="uniform", pos_label=1)
+    return predicted, observed
+
+
 def reliability_png(y: np.ndarray, p: np.ndarray, path: Path, title: str, bins: int = metrics.ECE_BINS) -> None:
     """Observed melanoma frequency against mean predicted probability per equal-width bin (on the diagonal when
     calibrated), and the number of images per bin below it."""
@@ -92,8 +101,8 @@ def reliability_png(y: np.ndarray, p: np.ndarray, path: Path, title: str, bins: 
     fig, (ax, hist) = plt.subplots(2, 1, figsize=(5.5, 6.5), dpi=110, sharex=True,
                                    gridspec_kw={"height_ratios": [3, 1]})
     ax.plot([0, 1], [0, 1], color="0.75", lw=1, ls="--", label="perfectly calibrated")
-    if len(y) and 0 < y.sum() < len(y):
-        observed, predicted = calibration_curve(y, p, n_bins=bins, strategy="uniform")
+    if len(y):
+        predicted, observed = reliability_points(y, p, bins)
         ax.plot(predicted, observed, "o-", color="tab:red", label=f"this model ({bins} bins)")
     ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="observed melanoma frequency", title=title)
     ax.grid(alpha=0.3)
