@@ -4,7 +4,7 @@ their intervals, overall, per source and per subgroup of the metadata, and clini
 
     python client/evaluate.py --labels train.csv --images jpeg/ [--url http://127.0.0.1:8080]
     python client/evaluate.py --labels isic-download/ --images isic-download/ --offline model_store/melanoma.mar
-    python client/evaluate.py --labels 2020/train.csv --labels ISIC_2019_Training_GroundTruth.csv \
+    python client/evaluate.py --labels 2020/train.csv --labels ISIC_2019_Training_GroundTruth.csv \\
         --labels ISIC_2019_Training_Metadata.csv --images 2020/jpeg --images 2019/ --compare model_store/melanoma.mar
 
 Label files: every layout isic/labels.py reads (SIIM-ISIC 2020 train.csv, ISIC 2019 ground truth and its

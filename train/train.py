@@ -1,7 +1,7 @@
 """Fine-tune resnest50_fast_4s1x64d (one logit) on ISIC data; the recipe the seed never published.
 
     .venv/bin/python -m train --labels train.csv --images jpeg/ --out runs/r1 [--epochs 15]
-    .venv/bin/python -m train --labels 2020/train.csv --labels ISIC_2019_Training_GroundTruth.csv \
+    .venv/bin/python -m train --labels 2020/train.csv --labels ISIC_2019_Training_GroundTruth.csv \\
         --labels ISIC_2019_Training_Metadata.csv --images 2020/jpeg --images 2019/ --val-source 2020 --out runs/r2
     .venv/bin/python -m train --out runs/r1 --resume          # after an interruption: same result
 
