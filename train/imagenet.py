@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ class Weights:
 RELEASE = "https://github.com/zhanghang1989/ResNeSt/releases/download/weights_step1"
 IMAGENET = Weights(f"{ARCHITECTURE}-f74f3fc3.pth", f"{RELEASE}/{ARCHITECTURE}-f74f3fc3.pth")
 HEAD = ("fc.weight", "fc.bias")  # ImageNet's 1000-class head: replaced by a new one-logit head
+NETWORK_TIMEOUT_S = 30  # a connection or a read that stalls this long counts as unreachable
 
 
 def hub_folder() -> Path:
@@ -66,9 +68,13 @@ def fetch(weights: Weights | None = None, progress: bool = False) -> tuple[Path,
     by_hand = (f"download it where the network allows and put it in {folder}/ (torch hub's cache: TORCH_HOME), "
                "or train with --init scratch")
     if not path.is_file():
+        # torch hub opens the address with no timeout: behind a firewall that drops packets, "offline" would be a
+        # silent wait of minutes. A stall of NETWORK_TIMEOUT_S is taken as unreachable.
+        previous = socket.getdefaulttimeout()
         try:
             folder.mkdir(parents=True, exist_ok=True)
             print(f"train: downloading the ImageNet weights {weights.url} into {folder}/", file=sys.stderr)
+            socket.setdefaulttimeout(NETWORK_TIMEOUT_S)
             torch.hub.download_url_to_file(weights.url, str(path), weights.sha256_prefix, progress=progress)
         except RuntimeError as e:  # torch hub's hash check: the download is deleted, not kept
             raise InitError(f"--init imagenet: {weights.url} did not download as the published file "
@@ -78,6 +84,8 @@ def fetch(weights: Weights | None = None, progress: bool = False) -> tuple[Path,
             raise InitError(f"--init imagenet: {weights.file_name} is not in torch hub's cache and could not be "
                             f"downloaded from {weights.url} ({type(e).__name__}: {reason[0][:160] if reason else ''}); "
                             f"{by_hand}") from None
+        finally:
+            socket.setdefaulttimeout(previous)
     digest = _sha256(path)
     if not digest.startswith(weights.sha256_prefix):
         raise InitError(f"--init imagenet: {path} is not the published file (its SHA-256 starts {digest[:8]}, its "
