@@ -212,8 +212,9 @@ def build(args: argparse.Namespace) -> Path:
     except ValueError as e:
         raise BuildError(str(e)) from None
     try:  # the limits too (min_side is final once the input size is known, below)
-        QualityLimits(min_side=args.min_side or 1, min_sharpness=args.min_sharpness, max_clipped=args.max_clipped,
-                      min_median=args.median_luminance[0], max_median=args.median_luminance[1])
+        QualityLimits(min_side=1 if args.min_side is None else args.min_side, min_sharpness=args.min_sharpness,
+                      max_clipped=args.max_clipped, min_median=args.median_luminance[0],
+                      max_median=args.median_luminance[1])
     except ValueError as e:
         raise BuildError(f"input-check limits: {e}") from None
     goal = "sensitivity" if args.sensitivity is not None else "specificity" if args.specificity is not None else None
