@@ -21,6 +21,7 @@ from torch import nn
 
 from exporter.checkpoint import LoadedCheckpoint, build_model, tensors_sha256
 from handler.archive import load_model
+from handler.pipeline import IMAGE_SIZE
 
 DEMO_SEED = 20200817  # fixed: the demo archive is the same on every machine with the same torch
 # The export is verified against the eager model with |dlogit| <= RTOL * (|logit| + scale), where scale is
@@ -154,7 +155,7 @@ class Bfloat16Logit(nn.Module):
         return self.model(x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)).float()
 
 
-def demo_checkpoint(image_size: int = 128) -> LoadedCheckpoint:
+def demo_checkpoint(image_size: int = IMAGE_SIZE) -> LoadedCheckpoint:
     """Deterministic, untrained weights whose scores still spread over (0, 1).
 
     A freshly initialised ResNeSt gives nearly the same logit for every image, which would make

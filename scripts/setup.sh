@@ -39,7 +39,7 @@ fi
 
 # Install only when the pinned requirements changed since the last successful install.
 stamp=.venv/.requirements-$(basename "$reqs" .txt).sha256
-want=$(cat requirements.txt requirements-app.txt requirements-openvino.txt "$reqs" | sha256sum | cut -d' ' -f1)
+want=$(cat requirements.txt requirements-app.txt requirements-openvino.txt requirements-evaluation.txt "$reqs" | sha256sum | cut -d' ' -f1)
 # torch first, as the CPU build: the +cpu local version can only be met by a CPU wheel, so this can never
 # resolve to PyPI's CUDA build (several GB with its nvidia-* packages). The wheel comes from PyTorch's CPU
 # index when this machine reaches it, else from wherever pip is configured to find it (a local wheel); with
