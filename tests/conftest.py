@@ -26,7 +26,8 @@ from train.synthetic import write_dataset
 # another network and every figure measured on it could move. Its weights now depend on the CPU's instruction set
 # (the kernels oneDNN picks) and the torch version only.
 FIXTURE_TRAIN_ARGS = ("--epochs", "3", "--batch-size", "16", "--lr", "1e-3", "--warmup-epochs", "0.5",
-                      "--precision", "fp32", "--device", "cpu", "--seed", "7", "--save-every", "0", "--threads", "2")
+                      "--precision", "fp32", "--device", "cpu", "--seed", "7", "--save-every", "0", "--threads", "2",
+                      "--init", "scratch")  # from random weights: no ImageNet download in tests
 FIXTURE_IMAGES, HELDOUT_IMAGES = 400, 96
 XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # "gw0", "gw1", ... under pytest-xdist; None in one process
 
