@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from client.tsclient import wait_ready
+from testkit import fixture_cache
 from testkit.archives import BATCHED, BATCHED_CONFIG, variant
 from testkit.harness import ROOT, Server, on_run_cpus, run_build, start_server, stop_server
 from testkit.once import once
@@ -129,13 +130,18 @@ def heldout_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_run(synthetic_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The run folder of `python -m train`, exactly as a user runs it (trained once per run)."""
+    """The run folder of `python -m train`, exactly as a user runs it (trained once per run, or restored from an
+    earlier run on this machine with the same code, packages and CPU: testkit.fixture_cache)."""
     def make(folder: Path) -> None:
+        name = f"trained-{fixture_cache.key(FIXTURE_TRAIN_ARGS, FIXTURE_IMAGES)}"
+        if fixture_cache.restore(folder / "run", name):
+            return
         cmd = [sys.executable, "-m", "train", "--labels", str(synthetic_data / "train.csv"),
                "--images", str(synthetic_data / "jpeg"), "--out", str(folder / "run"), *FIXTURE_TRAIN_ARGS,
                "--no-progress"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1800, preexec_fn=on_run_cpus)
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=3600, preexec_fn=on_run_cpus)
         assert proc.returncode == 0, f"training the fixture failed: {proc.stderr[-3000:]}"
+        fixture_cache.keep(folder / "run", name)
 
     return _once(tmp_path_factory, "trained-run", make) / "run"
 
@@ -152,6 +158,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                 and item.get_closest_marker("integration") is None]
     if unmarked:  # `-m "not integration"` (the unit tier alone) would run them without saying so
         raise pytest.UsageError(f"tests under tests/integration without the integration marker: {unmarked[:5]}")
+    for item in items:  # the unit tier is part of --quick unless a test is slow (scripts/test.sh)
+        if "unit" in item.path.parts:
+            item.add_marker(pytest.mark.quick)
     served = {item.module.__name__ for item in items
               if item.module is not None and SERVERS & set(getattr(item, "fixturenames", ()))}
     for item in items:

@@ -26,7 +26,7 @@ from testkit.imaging import encode, lesion_rgb
 from testkit.tolerance import SAME_ARCHIVE_DP
 from train.synthetic import lesion
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.quick]  # part of scripts/test.sh --quick
 
 
 def test_demo_archive_contents(demo_archive: Path) -> None:

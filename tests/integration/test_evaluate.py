@@ -17,7 +17,7 @@ from testkit.harness import ROOT, Server
 from testkit.imaging import encode, lesion_rgb
 from testkit.tolerance import SAME_ARCHIVE_DP
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.quick]  # part of scripts/test.sh --quick
 EVALUATE = [sys.executable, str(ROOT / "client" / "evaluate.py")]
 
 
