@@ -193,7 +193,7 @@ def _flip(y: np.ndarray, rate: float, seed: int) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_trained_fixture_x3_head_with_label_noise(trained_checkpoint, tmp_path) -> None:  # noqa: ANN001
+def test_trained_fixture_x3_head_with_label_noise(trained_archive, tmp_path) -> None:  # noqa: ANN001
     """The issue's acceptance on the trained fixture. It separates its synthetic task perfectly, so on clean
     labels a x3 head is sharper *and still right* (held-out ECE ~0.004) and there is nothing to correct. With
     30 % of the labels flipped (validation and held-out independently) every image's true frequency is 0.3 or
@@ -201,13 +201,11 @@ def test_trained_fixture_x3_head_with_label_noise(trained_checkpoint, tmp_path) 
     times the fixture's own, and it at least halves the held-out ECE on 384 images, for every flip seed.
     At 20 % it halved for half of 20 seeds (median ratio 0.51): the fixture's near-binary scores leave a
     residual ECE of ~0.1 that no single temperature removes (docs/CALIBRATION.md)."""
-    from exporter.checkpoint import load_checkpoint
-    from exporter.export import export_torchscript
-    from handler.archive import load_model
+    from handler.archive import load_archive
     from train.synthetic import write_dataset
 
-    cfg = PipelineConfig()
-    model = load_model(export_torchscript(load_checkpoint(trained_checkpoint), cfg.image_size))
+    archive = load_archive(trained_archive)  # its model.pt, as served (no second export)
+    cfg, model = archive.cfg, archive.scorer.model
     sets = {}
     for name, n, seed in (("validation", 96, 2), ("heldout", 384, 3)):
         write_dataset(tmp_path / name, n, seed=seed)
