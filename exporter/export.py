@@ -130,17 +130,22 @@ class ExportError(Exception):
 
 
 # A reduced-precision package (AOTInductor bf16 or int8, OpenVINO bf16) is held to what that precision itself
-# does, never to fp32 with a constant: the same network run eagerly at that precision (AtPrecision: bf16 weights
+# does, never to fp32 with a constant: the same network run eagerly at that precision (at_precision: bf16 weights
 # and activations; the quantised graph before compilation for int8) is the reference, and on each verification
-# image the compiled package may differ from it by at most REDUCED_MULTIPLE times the reference's own distance
-# from fp32 there (REDUCED_MULTIPLE x max(own error on the image, median own error) + RTOL, in the units of
-# verify()). Two roundings of one network (the eager one and the compiler's own fusion order) land about as far
-# from each other as each from fp32; a compile that loses a layer or a weight lands far beyond that on the
-# photos, where the precision's own error is small. Measured in docs/PRECISION.md (verify_reduced's ratios).
+# input the compiled package may differ from it by at most REDUCED_MULTIPLE times the reference's own distance
+# from fp32 there (x max(own error on the input, median own error) + RTOL, in the units of verify()).
+# Why 8: a compiler rounds differently from the eager network (it folds and fuses), and on the check's noise
+# inputs AOTInductor's bf16 package was up to 3.2x as far from the eager bf16 network as that network is from
+# fp32 (the trained fixture, AVX2; the demo 1.7x): 8 is 2.5x that. What a broken compile does, planted on the
+# same packages (the reference given other weights than the package holds): a block's convolutions lost
+# 75-113x (demo), one convolution zeroed 86x (demo) and 369x (trained), one layer1 convolution x1.1 10x and
+# 58x, the head's bias +0.5 17x and 11x: refused. Within rounding's reach and so not refused: +0.1 on the
+# head's bias (3.4x, 3.6x), one layer3 convolution x1.05 (8.3x, 5.2x); the agreement on the user's images
+# measures what such a difference does to a probability. docs/PRECISION.md has the figures.
 # Whether the precision itself is close enough to fp32 is a separate question, the agreement, measured in
 # probability on the user's own images (exporter/precision.py, --max-delta): --force-precision overrides that
 # one, never this one.
-REDUCED_MULTIPLE = 4.0
+REDUCED_MULTIPLE = 8.0
 
 
 class Bfloat16Logit(nn.Module):
