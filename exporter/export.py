@@ -134,11 +134,11 @@ class ExportError(Exception):
 # and activations; the quantised graph before compilation for int8) is the reference, and on each verification
 # input the compiled package may differ from it by at most REDUCED_MULTIPLE times the reference's own distance
 # from fp32 there (x max(own error on the input, median own error) + RTOL, in the units of verify()).
-# Why 8: a compiler rounds differently from the eager network (it folds and fuses), and on the check's noise
+# Why 8: a compiler rounds in other places than the eager network (it folds and fuses), and on the check's noise
 # inputs AOTInductor's bf16 package was up to 3.2x as far from the eager bf16 network as that network is from
 # fp32 (the trained fixture, AVX2; the demo 1.7x): 8 is 2.5x that. What a broken compile does, planted on the
-# same packages (the reference given other weights than the package holds): a block's convolutions lost
-# 75-113x (demo), one convolution zeroed 86x (demo) and 369x (trained), one layer1 convolution x1.1 10x and
+# same packages (the reference given other weights than the package holds): a residual block lost
+# 51-350x, one convolution zeroed 86x (demo) and 369x (trained), one layer1 convolution x1.1 10x and
 # 58x, the head's bias +0.5 17x and 11x: refused. Within rounding's reach and so not refused: +0.1 on the
 # head's bias (3.4x, 3.6x), one layer3 convolution x1.05 (8.3x, 5.2x); the agreement on the user's images
 # measures what such a difference does to a probability. docs/PRECISION.md has the figures.
