@@ -20,6 +20,7 @@ export NO_ALBUMENTATIONS_UPDATE=1
 .venv/bin/ruff check .
 .venv/bin/python scripts/check_imports.py   # no import cycle between our packages
 # One pytest-xdist worker per core (at most 4: each may run its own TorchServe), whole files per worker so a
-# module's archive is built once; the session's archives and the trained fixture are built once per run
+# module's archive is built once (the modules reading the session's servers count as one file: tests/conftest.py);
+# the session's archives and the trained fixture are built once per run
 # (tests/conftest.py). Pass -n 0 to run in one process.
-exec .venv/bin/python -m pytest -n auto --maxprocesses 4 --dist loadgroup "${depth[@]}" "$@"
+exec .venv/bin/python -m pytest -n auto --maxprocesses 4 --dist loadfile "${depth[@]}" "$@"

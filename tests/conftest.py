@@ -147,13 +147,34 @@ def trained_run(synthetic_data: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 
 SERVERS = {"server", "server_of", "trained_server"}  # the session's read-only TorchServes
+# The modules that read from those servers. Under `--dist loadfile` (scripts/test.sh) they run on one worker as if
+# they were one file, so each server starts once per run, not once per worker; every other module runs whole on
+# one worker (pytest_xdist_make_scheduler below). Kept by hand because the scheduler, in the controller, sees only
+# node ids; pytest_collection_modifyitems refuses a run where a module reading them is missing here.
+SERVED = frozenset({"tests/integration/test_serving.py", "tests/integration/test_explanations.py",
+                    "tests/integration/test_evaluate.py", "tests/integration/test_train.py",
+                    "tests/integration/test_web_app.py"})
 
 
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """`--dist loadfile`, with the SERVED modules as one file. (xdist's own `--dist loadgroup` would do it with
+    marks, but under pytest 9 it no longer groups: the node id it rewrites is not the one pytest reports.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "served modules" if path in SERVED else path
+
+    return ByModule(config, log)
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under `--dist loadgroup` (scripts/test.sh) each module runs whole on one worker, as `--dist loadfile` would,
-    so a module's archives and servers are made once; and every module that reads from the session's demo and
-    trained servers runs on the same worker, so that those two TorchServes start once per run, not once per
-    worker."""
+    """The unit tier joins --quick; every integration test has its marker; every module reading the session's
+    servers is in SERVED."""
     unmarked = [item.nodeid for item in items if "integration" in item.path.parts
                 and item.get_closest_marker("integration") is None]
     if unmarked:  # `-m "not integration"` (the unit tier alone) would run them without saying so
@@ -161,11 +182,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:  # the unit tier is part of --quick unless a test is slow (scripts/test.sh)
         if "unit" in item.path.parts:
             item.add_marker(pytest.mark.quick)
-    served = {item.module.__name__ for item in items
-              if item.module is not None and SERVERS & set(getattr(item, "fixturenames", ()))}
-    for item in items:
-        name = item.module.__name__ if item.module is not None else item.nodeid
-        item.add_marker(pytest.mark.xdist_group("served" if name in served else name))
+    readers = {item.nodeid.split("::", 1)[0] for item in items if SERVERS & set(getattr(item, "fixturenames", ()))}
+    if readers - SERVED:
+        raise pytest.UsageError(f"{sorted(readers - SERVED)} read the session's servers: add them to SERVED in "
+                                "tests/conftest.py, or each worker starts those servers")
 
 
 def _needs_trained(item: pytest.Item) -> bool:

@@ -243,7 +243,9 @@ def test_server_healthy_afterwards(server: Server) -> None:
     r = requests.get(f"{server.url}/ping", headers=server.headers(), timeout=10)
     assert r.status_code == 200 and r.json()["status"] == "Healthy"
     assert "Worker disconnected" not in server.log("ts_log.log")
-    assert server.log().count("melanoma model") == 1  # the worker was initialised once: never restarted
+    for model in ("melanoma", BATCHED):  # each model's worker was initialised once: never restarted
+        ready = [ln for ln in server.log().splitlines() if f"-{model}_" in ln and "melanoma model" in ln]
+        assert len(ready) == 1, (model, ready)
     # the worker runs the archive's handler package, not the checkout's (importable from .venv by name)
     code = re.search(r"handler code: (\S+)", server.log())
     assert code and not Path(code.group(1)).is_relative_to(ROOT), code
