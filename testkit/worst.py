@@ -93,8 +93,8 @@ def worst_inputs(cfg: PipelineConfig | None = None, heif: bool = True) -> dict[s
             from pillow_heif import register_heif_opener
 
             register_heif_opener()
-            return _save(Image.new("RGB", (side, side), (90, 60, 50)), "HEIF", quality=10,
+            return _save(Image.new("RGBA", (side, side), (90, 60, 50, 128)), "HEIF", quality=10,
                          enc_params={"preset": "ultrafast"})
 
-        cases["HEIC RGB"] = heic
+        cases["HEIC RGBA"] = heic
     return cases

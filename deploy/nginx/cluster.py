@@ -80,7 +80,7 @@ class Cluster:
         return Path(self.workdir)
 
     def save(self) -> None:
-        (self.work / "cluster.json").write_text(json.dumps(asdict(self), indent=2) + "\n")
+        write_secret(self.work / "cluster.json", json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
     def load(cls, workdir: Path) -> Cluster:
@@ -136,20 +136,23 @@ def write_instance_config(cluster: Cluster, inst: Instance) -> Path:
     ports = (inst.inference, inst.management, inst.metrics, inst.grpc_inference, inst.grpc_management)
     props = instance_properties(ports, cluster.store, inst.workdir)
     path = Path(inst.workdir) / "config.properties"
-    path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+    write_secret(path, "".join(f"{k}={v}\n" for k, v in props.items()))
     return path
 
 
 def start_instance(cluster: Cluster, inst: Instance) -> None:
-    Path(inst.workdir).mkdir(parents=True, exist_ok=True)
+    Path(inst.workdir).mkdir(mode=0o700, parents=True, exist_ok=True)
     (Path(inst.workdir) / "key_file.json").unlink(missing_ok=True)
     cfg = write_instance_config(cluster, inst)
     # taskset pins the JVM and its worker to one core; the worker then uses 1 torch thread
     # (handler/archive.usable_cpus reads the affinity and the cgroup quota), so instances do not fight over cores.
     cmd = ["taskset", "-c", str(inst.cpu), torchserve_binary(), "--start", "--ncs", "--ts-config", str(cfg),
            "--log-config", str(ROOT / "log4j2.xml")]
-    log = open(Path(inst.workdir) / "torchserve.out", "ab")
-    subprocess.run(cmd, cwd=inst.workdir, env=instance_env(inst), stdout=log, stderr=subprocess.STDOUT, check=True)
+    log = os.fdopen(os.open(Path(inst.workdir) / "torchserve.out", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
+    # umask 077: key_file.json (TorchServe writes it, then sets 600), logs and the unpacked archive (in the
+    # instance's private java.io.tmpdir) are private from their first byte.
+    subprocess.run(cmd, cwd=inst.workdir, env=instance_env(inst), stdout=log, stderr=subprocess.STDOUT, check=True,
+                   umask=0o077)
 
 
 def stop_instance(inst: Instance) -> None:
@@ -204,7 +207,7 @@ def render(cluster: Cluster) -> None:
                         "max_connections": str(cluster.max_connections), "rate": str(cluster.rate),
                         "burst": str(2 * cluster.rate)}.items():
         text = text.replace("${" + name + "}", value)  # nginx's own $variables stay as they are
-    (work / "nginx.conf").write_text(text)
+    write_secret(work / "nginx.conf", text)
     write_keys(cluster)
 
 
@@ -254,18 +257,17 @@ def write_keys(cluster: Cluster) -> bool:
 def nginx(cluster: Cluster, *args: str) -> None:
     cmd = [nginx_binary(), "-p", str(cluster.work), "-e", str(cluster.work / "logs" / "nginx_error.log"),
            "-c", str(cluster.work / "nginx.conf"), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, umask=0o077)
     if proc.returncode != 0:
         raise ClusterError(f"nginx {' '.join(args) or 'start'} failed: {proc.stderr.strip()[-500:]}")
 
 
 def start(cluster: Cluster, timeout: float = 240) -> None:
-    # Every file the gateway and its instances make (key files, logs, unpacked archives, buffered bodies) is
-    # private from its first byte: TorchServe writes key_file.json and only then sets mode 600.
-    os.umask(0o077)
+    """Every file the gateway and its instances make (key files, logs, unpacked archives, buffered bodies) is
+    private from its first byte: written 0600 here, and TorchServe and nginx run under umask 077."""
     work = cluster.work
     for sub in ("logs", "tmp"):
-        (work / sub).mkdir(parents=True, exist_ok=True)
+        (work / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
     for inst in cluster.instances:  # the JVMs start in parallel; their workers load while we wait
         start_instance(cluster, inst)
     for inst in cluster.instances:
@@ -351,6 +353,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    os.umask(0o077)  # whatever this command writes is this user's alone
     work = Path(args.workdir).resolve()
     try:
         if args.command == "start":
