@@ -118,10 +118,11 @@ def test_dockerfile_passes_hadolint() -> None:
 def test_dockerfile_checklist() -> None:
     text = (DEPLOY / "docker" / "Dockerfile").read_text()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
-    assert re.search(r"PYTHON_IMAGE=python:3\.11\.\d+-slim-bookworm", text)  # slim, exact tag, not latest
+    assert re.search(r"PYTHON_IMAGE=python:3\.11\.\d+-slim-bookworm@sha256:[0-9a-f]{64}\n", text)  # slim, by digest
     assert "openjdk-17-jre-headless" in text and "--no-install-recommends" in text
     assert "rm -rf /var/lib/apt/lists/*" in text and "PIP_NO_CACHE_DIR=1" in text
-    assert "-r requirements.txt" in text  # the pinned requirements
+    assert "--require-hashes --no-deps --index-url https://pypi.org/simple -r requirements.lock" in text  # hash-checked
+    assert "--extra-index-url" not in text and "--no-deps --index-url https://download.pytorch.org/whl/cpu" in text
     # --build-arg RUNTIME=openvino installs OpenVINO's pins and builds the archive for it (the default: neither)
     assert "ARG RUNTIME=torchscript" in text and '--runtime "${RUNTIME}"' in text
     assert 'if [ "$RUNTIME" = openvino ]; then /venv/bin/pip install -r requirements-openvino.txt; fi' in text
