@@ -95,8 +95,9 @@ def request_bytes(row: Mapping[str, Any]) -> bytes:
         except (binascii.Error, ValueError):
             raise InputError("the JSON \"image\" field is not valid base64") from None
     if isinstance(value, (bytes, bytearray)):
-        if not bytes(value[:8]).startswith(IMAGE_MAGIC) and value.isascii():
-            # a text body (TorchServe's worker passes text/plain undecoded too) holding a base64 image
+        if key == "body" and not bytes(value[:8]).startswith(IMAGE_MAGIC) and value.isascii():
+            # a text/plain request body holding a base64 image, which TorchServe's worker now passes undecoded
+            # (a multipart field, as before, is read as image bytes whatever it holds)
             image = base64_image(bytes(value).decode("ascii"))
             if image is not None:
                 return image

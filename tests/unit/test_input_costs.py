@@ -230,6 +230,7 @@ def test_json_bodies_are_parsed_only_when_small() -> None:
     assert request_bytes({"body": body}) == jpeg
     assert request_bytes({"body": bytearray(body)}) == jpeg
     assert request_bytes({"body": base64.b64encode(jpeg)}) == jpeg  # text/plain base64 now arrives as bytes
+    assert request_bytes({"data": base64.b64encode(jpeg)}) == base64.b64encode(jpeg)  # a multipart field: as before
     bomb = b"[" + b"{}," * 10_000 + b"{}]"
     with pytest.raises(InputError) as e:
         request_bytes({"body": bomb})
