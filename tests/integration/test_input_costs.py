@@ -28,9 +28,18 @@ def _status_mib(pid: int, key: str) -> float:
     raise KeyError(key)
 
 
+def melanoma_worker(server: Server) -> int:
+    """The pid of the worker serving "melanoma" (the server may serve other models beside it)."""
+    headers = {"Authorization": f"Bearer {server.keys()['management']}"}
+    (model,) = requests.get(f"{server.management}/models/melanoma", headers=headers, timeout=30).json()
+    (worker,) = model["workers"]
+    assert worker["pid"] in worker_pids(server)
+    return int(worker["pid"])
+
+
 def _measure(server: Server, send) -> tuple[requests.Response, float, float]:  # noqa: ANN001
     """The answer, the worker's RSS rise (MiB) and CPU seconds for one request."""
-    (pid,) = worker_pids(server)
+    pid = melanoma_worker(server)
     Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS now
     before, proc = _status_mib(pid, "VmRSS"), psutil.Process(pid)
     cpu = sum(proc.cpu_times()[:2])
