@@ -83,7 +83,7 @@ def inprocess(archive: Path, threads: int, repeats: int) -> dict[str, Any]:
     eager = build_model(1).eval()
     ours = load_archive(archive)
     cfg: PipelineConfig = ours.cfg
-    base_tf = A.Compose([A.Resize(128, 128), A.Normalize()])
+    base_tf = A.Compose([A.Resize(cfg.image_size, cfg.image_size), A.Normalize()])
 
     def baseline(data: bytes) -> float:
         import io

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from exporter import build_mar, export
+from handler.pipeline import IMAGE_SIZE
 from testkit.variants import as_lightning, seeded_variant
 
 
@@ -31,7 +32,7 @@ def photo_logit_range(path: Path | None) -> tuple[float, float, float]:
 
     ckpt = export.demo_checkpoint() if path is None else load_checkpoint(path)
     eager = export.MalignancyLogit(ckpt.module, ckpt.outputs).eval()
-    photos = export.verification_images(128)
+    photos = export.verification_images(IMAGE_SIZE)
     with torch.inference_mode():
         logits = eager(photos)
         single = torch.cat([eager(p[None]) for p in photos])

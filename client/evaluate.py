@@ -1,13 +1,17 @@
 #!/usr/bin/env python3
-"""Evaluate a deployment on ISIC-format labelled images: AUC and clinical operating points.
+"""Evaluate a deployment on labelled ISIC images: AUC, partial AUC above 80 % TPR and average precision with
+their intervals, overall, per source and per subgroup of the metadata, and clinical operating points.
 
     python client/evaluate.py --labels train.csv --images jpeg/ [--url http://127.0.0.1:8080]
-    python client/evaluate.py --labels train.csv --images jpeg/ --offline model_store/melanoma.mar
-    python client/evaluate.py --labels train.csv --images jpeg/ --compare model_store/melanoma.mar
+    python client/evaluate.py --labels isic-download/ --images isic-download/ --offline model_store/melanoma.mar
+    python client/evaluate.py --labels 2020/train.csv --labels ISIC_2019_Training_GroundTruth.csv \\
+        --labels ISIC_2019_Training_Metadata.csv --images 2020/jpeg --images 2019/ --compare model_store/melanoma.mar
 
-Label files: SIIM-ISIC 2020 train.csv (image_name, target) or ISIC 2019 ground truth (image, MEL).
-Writes OUT/scores.csv (image, target, probability; resumable), OUT/summary.json, OUT/roc.png (with the
-operating points) and OUT/reliability.png.
+Label files: every layout isic/labels.py reads (SIIM-ISIC 2020 train.csv, ISIC 2019 ground truth and its
+metadata, ISIC 2024 train-metadata.csv, an isic-cli download folder), several at once.
+Writes OUT/scores.csv (image, target, probability; resumable), OUT/summary.json, OUT/roc.png (ROC with its band
+and operating points, and the precision-recall curve) and OUT/reliability.png; --scores-csv a submission file.
+Needs the evaluation extra (scikit-learn, matplotlib): pip install 'melanoma-client[evaluation]'.
 The demo model's AUC means nothing: it is untrained.
 """
 
@@ -17,7 +21,6 @@ import argparse
 import csv
 import json
 import sys
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
@@ -33,7 +36,30 @@ from client.tsclient import (
     server_module,
 )
 from isic import metrics
-from isic.labels import LabelError, LabelRow, find_images, read_label_rows, read_labels  # noqa: F401 (re-exported)
+from isic.labels import (  # noqa: F401 (read_label_rows, read_labels, LabelRow: re-exported)
+    INDETERMINATE_POLICIES,
+    LabelError,
+    LabelRow,
+    LabelSet,
+    find_images,
+    read_label_rows,
+    read_labels,
+    read_sources,
+)
+
+EXTRA = ("client/evaluate.py computes its figures with scikit-learn and draws them with matplotlib ({missing} is not "
+         "installed): pip install 'melanoma-client[evaluation]', or in the repository's .venv: .venv/bin/pip install "
+         "-r requirements-evaluation.txt")
+
+
+def evaluation_modules() -> tuple[Any, Any]:
+    """isic.evaluation and client.figures, or ClientError (one line) saying how to install the extra."""
+    try:
+        from client import figures
+        from isic import evaluation
+    except ModuleNotFoundError as e:
+        raise ClientError(EXTRA.format(missing=e.name)) from None
+    return evaluation, figures
 
 
 def load_done(csv_path: Path) -> dict[str, float]:
@@ -56,16 +82,18 @@ def offline_scorer(target: str) -> OfflineScorer:
         return OfflineScorer.from_path(str(p))
     torch = server_module("torch")
     server_module("exporter.export")
-    from exporter.checkpoint import ARCHITECTURE, CheckpointError, load_checkpoint
+    from exporter.checkpoint import ARCHITECTURE, CheckpointError, load_checkpoint, pipeline_config
     from exporter.export import export_torchscript
     from handler.archive import ArchiveMetadata, LoadedArchive, load_model
-    from handler.pipeline import PipelineConfig, Scorer
+    from handler.pipeline import Scorer
 
-    cfg = PipelineConfig()
     try:
         ckpt = load_checkpoint(p)
+        cfg, notice = pipeline_config(ckpt, {}, {})  # as build_mar.sh would build it: its recorded preprocessing
     except CheckpointError as e:
         raise ClientError(str(e)) from None
+    if notice and ckpt.pipeline is None:
+        print(f"evaluate: notice: {notice}", file=sys.stderr)
     model = load_model(export_torchscript(ckpt, cfg.image_size))
     meta = ArchiveMetadata(version="offline", architecture=ARCHITECTURE, head=ckpt.head, outputs=ckpt.outputs,
                            checkpoint_form=ckpt.form, source_file=p.name, weights_sha256=ckpt.sha256)
@@ -165,9 +193,21 @@ def _progress_bar(total: int) -> Any:
         return Counter()
 
 
+def bootstrap_unit(groups: list[str]) -> str:
+    """What the intervals resample: the kinds of group (isic/labels.py: patient, lesion) holding several images,
+    else single images."""
+    seen: dict[str, int] = {}
+    for g in groups:
+        seen[g] = seen.get(g, 0) + 1
+    kinds = sorted({g.split(":", 1)[0] for g, k in seen.items() if k > 1})
+    return "/".join(kinds) or "image"
+
+
 def summarize(labels: dict[str, int], scores: dict[str, float], threshold: float,
               groups: dict[str, str] | None = None) -> dict[str, Any]:
-    """AUC and operating points; the AUC interval resamples patients when the label file names them."""
+    """AUC, partial AUC above 80 % TPR and average precision (scikit-learn's) with intervals that resample
+    patients or lesions when the label files name them; calibration and operating points."""
+    evaluation, _ = evaluation_modules()
     names = [n for n in labels if n in scores]
     y = np.array([labels[n] for n in names])
     p = np.array([scores[n] for n in names])
@@ -176,13 +216,16 @@ def summarize(labels: dict[str, int], scores: dict[str, float], threshold: float
         out["error"] = "AUC needs both melanomas and benign lesions among the scored images"
         return out
     sens, spec = metrics.sens_spec(y, p, threshold)
-    g = [groups[n] for n in names] if groups else None
-    by_patient = g is not None and len(set(g)) < len(g)
-    lo, hi = metrics.bootstrap_auc_ci(y, p, groups=np.array(g) if by_patient else None)
-    sens_ci, spec_ci = metrics.sens_spec_ci(y, p, threshold, groups=np.array(g) if by_patient else None)
+    g = [groups[n] for n in names] if groups else [f"image:{n}" for n in names]
+    unit = bootstrap_unit(g)
+    grouped = np.array(g) if unit != "image" else None
+    f = evaluation.figures(y, p, grouped)
+    sens_ci, spec_ci = metrics.sens_spec_ci(y, p, threshold, groups=grouped)
     out.update({
-        "auc": metrics.auc(y, p), "auc_95ci": [lo, hi], "bootstrap": "patient" if by_patient else "image",
-        "partial_auc_above_80_tpr": metrics.partial_auc_above_tpr(y, p, 0.8),
+        "auc": f["auc"], "auc_95ci": f["auc_95ci"], "bootstrap": unit,
+        "partial_auc_above_80_tpr": f["pauc_above_80_tpr"],
+        "partial_auc_above_80_tpr_95ci": f["pauc_above_80_tpr_95ci"],
+        "average_precision": f["average_precision"], "average_precision_95ci": f["average_precision_95ci"],
         "threshold": threshold, "sensitivity_at_threshold": sens, "sensitivity_at_threshold_95ci": list(sens_ci),
         "specificity_at_threshold": spec, "specificity_at_threshold_95ci": list(spec_ci),
         "ece": metrics.expected_calibration_error(y, p), "brier": metrics.brier(y, p),
@@ -194,95 +237,55 @@ def summarize(labels: dict[str, int], scores: dict[str, float], threshold: float
     return out
 
 
-class _Plot:
-    """A square Pillow chart with [0, 1] axes, frame, diagonal, title and axis names (no plotting library
-    needed on the server); the labelled images' targets and scores as arrays."""
-
-    size, m = 480, 50
-
-    def __init__(self, labels: dict[str, int], scores: dict[str, float], title: str, xlabel: str,
-                 ylabel: str) -> None:
-        from PIL import Image, ImageDraw
-
-        names = [n for n in labels if n in scores]
-        self.y = np.array([labels[n] for n in names])
-        self.p = np.array([scores[n] for n in names], dtype=np.float64)
-        self.img = Image.new("RGB", (self.size, self.size), "white")
-        self.d = ImageDraw.Draw(self.img)
-        self.d.rectangle([self.xy(0, 1), self.xy(1, 0)], outline="black")
-        self.d.line([self.xy(0, 0), self.xy(1, 1)], fill=(180, 180, 180))
-        self.d.text((self.m, 15), title, fill="black")
-        self.d.text((self.size / 2 - 70, self.size - 30), xlabel, fill="black")
-        self.d.text((8, self.m - 20), ylabel, fill="black")
-
-    def xy(self, fx: float, fy: float) -> tuple[float, float]:
-        return self.m + fx * (self.size - 2 * self.m), self.size - self.m - fy * (self.size - 2 * self.m)
-
-
-def reliability_png(labels: dict[str, int], scores: dict[str, float], path: Path, title: str,
-                    bins: int = metrics.ECE_BINS) -> None:
-    """Reliability diagram: per equal-width probability bin, the observed melanoma frequency against the mean
-    predicted probability (on the diagonal when calibrated); each dot's area follows its bin's image count."""
-    c = _Plot(labels, scores, title, "mean predicted probability", "observed melanoma frequency")
-    y, p = c.y.astype(np.float64), c.p
-    if len(p):
-        idx = np.minimum((p * bins).astype(int), bins - 1)
-        points = []
-        for b in range(bins):
-            sel = idx == b
-            if sel.any():
-                cx, cy = c.xy(float(p[sel].mean()), float(y[sel].mean()))
-                r = 3 + 12 * np.sqrt(sel.sum() / len(p))
-                c.d.ellipse([cx - r, cy - r, cx + r, cy + r], outline=(200, 30, 30), width=2)
-                points.append((cx, cy))
-        if len(points) > 1:
-            c.d.line(points, fill=(200, 30, 30), width=2)
-    c.img.save(path)
-
-
-def roc_png(labels: dict[str, int], scores: dict[str, float], path: Path, title: str,
-            marks: Sequence[tuple[float, str]] = ()) -> None:
-    """The ROC curve; `marks`: (threshold, name) operating points, drawn where they sit on the curve."""
-    c = _Plot(labels, scores, title, "false positive rate", "sensitivity (TPR)")
-    y, p = c.y, c.p
-    c.d.line([c.xy(0, 0.8), c.xy(1, 0.8)], fill=(230, 200, 200))
-    if y.any() and not y.all():
-        r = metrics.roc_curve(y, p)
-        c.d.line([c.xy(f, t) for f, t in zip(r.fpr, r.tpr, strict=True)], fill=(200, 30, 30), width=3)
-        for i, (threshold, name) in enumerate(marks):
-            sens, spec = metrics.sens_spec(y, p, threshold)
-            cx, cy = c.xy(1 - spec, sens)
-            c.d.ellipse([cx - 5, cy - 5, cx + 5, cy + 5], outline=(20, 60, 200), width=2)
-            c.d.text((cx + 8, cy + 4 + 12 * i), f"{name} ({threshold:.3g})", fill=(20, 60, 200))
-    c.img.save(path)
+def write_submission(path: Path, label_set: LabelSet, scores: dict[str, float]) -> None:
+    """The challenge's submission layout: SIIM-ISIC 2020's `image_name,target` (the probability as target), or
+    `isic_id,target` when every source names images by isic_id (ISIC 2024, isic-cli downloads)."""
+    by_isic_id = all(s.layout.name_column == "isic_id" for s in label_set.sources)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["isic_id" if by_isic_id else "image_name", "target"])
+        for r in label_set.rows:
+            if r.name in scores:
+                w.writerow([r.name, f"{scores[r.name]:.10f}"])
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--labels", required=True, help="SIIM-ISIC 2020 train.csv or ISIC 2019 ground-truth CSV")
-    ap.add_argument("--images", required=True, help="folder holding the images (searched recursively)")
+    ap.add_argument("--labels", required=True, action="append", metavar="CSV_OR_FOLDER",
+                    help="a label file, repeatable: SIIM-ISIC 2020 train.csv, ISIC 2019 ground truth (and its metadata "
+                    "CSV), ISIC 2024 train-metadata.csv, or an isic-cli download folder")
+    ap.add_argument("--images", required=True, action="append", metavar="FOLDER",
+                    help="a folder holding the images (searched recursively), repeatable")
+    ap.add_argument("--indeterminate", choices=INDETERMINATE_POLICIES, default="exclude",
+                    help="isic-cli downloads: Indeterminate diagnoses are excluded (default), benign or malignant")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--offline", metavar="ARCHIVE_OR_CHECKPOINT", help="score in-process, no server")
     mode.add_argument("--compare", metavar="ARCHIVE_OR_CHECKPOINT",
                       help="score served and offline; report the largest |dp|")
     ap.add_argument("--out", default="evaluation", help="output folder (default ./evaluation)")
+    ap.add_argument("--scores-csv", metavar="PATH",
+                    help="also write the scores in the challenge's submission layout (image_name,target or "
+                    "isic_id,target)")
     add_server_args(ap)
     ap.add_argument("--threshold", type=float, help="operating point to report (default: the archive's)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
 
     try:
-        rows = read_label_rows(Path(args.labels))
-    except LabelError as e:
+        evaluation, figures = evaluation_modules()
+        label_set = read_sources([Path(x) for x in args.labels], args.indeterminate)
+    except (LabelError, ClientError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
+    rows = label_set.rows
     labels = {r.name: r.target for r in rows}
     groups = {r.name: r.group for r in rows}
-    folder = Path(args.images)
-    if not folder.is_dir():
-        print(f"evaluate: error: image folder {folder} does not exist", file=sys.stderr)
-        return 2
-    images, missing = find_images(folder, list(labels))
+    folders = [Path(x) for x in args.images]
+    for folder in folders:
+        if not folder.is_dir():
+            print(f"evaluate: error: image folder {folder} does not exist", file=sys.stderr)
+            return 2
+    images, missing = find_images(folders, list(labels))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     progress = not args.no_progress and sys.stderr.isatty()
@@ -313,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         for n in labels:
             if n in scores:
                 w.writerow([n, labels[n], f"{scores[n]:.10f}"])
+    if args.scores_csv:
+        write_submission(Path(args.scores_csv), label_set, scores)
     threshold = args.threshold if args.threshold is not None else info.get("threshold", 0.5)
     summary = summarize(labels, scores, threshold, groups)
     summary.update({
@@ -320,6 +325,12 @@ def main(argv: list[str] | None = None) -> int:
         "unreadable_images": len(failed), "unreadable": dict(list(failed.items())[:50]),
         "model": info.get("model"), "tta_views": info.get("tta_views"),
         "mode": "offline" if args.offline else "served",
+        "sources": {s.name: {"file": str(s.path), "layout": s.layout.title,
+                             "images": sum(r.source == s.name for r in rows),
+                             "melanoma": sum(r.target for r in rows if r.source == s.name),
+                             "excluded": dict(s.excluded)}
+                    for s in label_set.sources if s.layout.key != "2019-metadata"},
+        **evaluation.breakdown(rows, scores),
     })
     if compare:
         summary["compare"] = compare
@@ -328,14 +339,21 @@ def main(argv: list[str] | None = None) -> int:
         summary["warning"] = "DEMO MODEL: untrained; this AUC means nothing"
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     marks = [(summary["threshold"], "threshold")] if "auc" in summary else []
-    marks += [(summary[f"threshold_for_{k}_sensitivity"]["threshold"], f"{k}% sens.") for k in ("95", "90")
+    marks += [(summary[f"threshold_for_{k}_sensitivity"]["threshold"], f"{k}% sensitivity") for k in ("95", "90")
               if "auc" in summary]
-    roc_png(labels, scores, out / "roc.png", f"ROC, AUC {summary.get('auc', float('nan')):.4f}"
-            + ("  (DEMO MODEL: meaningless)" if demo else ""), marks)
-    reliability_png(labels, scores, out / "reliability.png",
-                    f"Reliability, ECE {summary.get('ece', float('nan')):.4f} ({metrics.ECE_BINS} bins, as drawn)"
-                    + ("  (DEMO MODEL: meaningless)" if demo else ""))
-    print_report(summary, out)
+    names = [n for n in labels if n in scores]
+    y = np.array([labels[n] for n in names], dtype=int)
+    p = np.array([scores[n] for n in names])
+    g = np.array([groups[n] for n in names]) if summary.get("bootstrap", "image") != "image" else None
+    meaningless = "  (DEMO MODEL: meaningless)" if demo else ""
+    figures.roc_png(y, p, g, out / "roc.png", f"{len(names)} images, {int(y.sum())} melanoma{meaningless}", marks,
+                    summary.get("auc"), summary.get("average_precision"))
+    figures.reliability_png(y, p, out / "reliability.png",
+                            f"Reliability, ECE {summary.get('ece', float('nan')):.4f} ({metrics.ECE_BINS} bins)"
+                            + meaningless)
+    print_report(summary, out, label_set, evaluation)
+    if args.scores_csv:
+        print(f"wrote {args.scores_csv} (submission layout)")
     # Exit 1 when the report is incomplete: an image could not be scored, or the AUC is undefined.
     if failed:
         print(f"evaluate: {len(failed)} image(s) could not be scored (listed above and in summary.json)",
@@ -345,7 +363,10 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed or "auc" not in summary else 0
 
 
-def print_report(s: dict[str, Any], out: Path) -> None:
+def print_report(s: dict[str, Any], out: Path, label_set: LabelSet | None = None, evaluation: Any = None) -> None:
+    if label_set is not None:
+        for line in label_set.table():
+            print(line)
     print(f"labels {s['labels']}, scored {s['scored']} ({s['positives']} melanoma, {s['negatives']} benign), "
           f"missing {s['missing_images']}, unreadable {s['unreadable_images']}")
     if s["missing_images"]:
@@ -354,8 +375,12 @@ def print_report(s: dict[str, Any], out: Path) -> None:
         print(f"  unreadable: {name}: {err}")
     if "auc" in s:
         lo, hi = s["auc_95ci"]
+        plo, phi = s["partial_auc_above_80_tpr_95ci"]
+        alo, ahi = s["average_precision_95ci"]
         print(f"ROC AUC {s['auc']:.4f} (95% CI {lo:.4f}-{hi:.4f}, bootstrap by {s['bootstrap']}); "
-              f"partial AUC above 80% TPR {s['partial_auc_above_80_tpr']:.4f} (max 0.2)")
+              f"partial AUC above 80% TPR {s['partial_auc_above_80_tpr']:.4f} (95% CI {plo:.4f}-{phi:.4f}; max 0.2); "
+              f"average precision {s['average_precision']:.4f} (95% CI {alo:.4f}-{ahi:.4f}; prevalence "
+              f"{s['positives'] / s['scored']:.4f})")
         (slo, shi), (plo, phi) = s["sensitivity_at_threshold_95ci"], s["specificity_at_threshold_95ci"]
         print(f"at threshold {s['threshold']:.4f}: sensitivity {s['sensitivity_at_threshold']:.3f} (95% CI "
               f"{slo:.3f}-{shi:.3f}), specificity {s['specificity_at_threshold']:.3f} (95% CI {plo:.3f}-{phi:.3f})")
@@ -365,6 +390,13 @@ def print_report(s: dict[str, Any], out: Path) -> None:
             print(f"threshold for >= {k}% sensitivity: {t['threshold']:.4f} (sensitivity {t['sensitivity']:.3f}, "
                   f"specificity {t['specificity']:.3f}); choose it on a validation set at build time: ./build_mar.sh "
                   f"CKPT --validation-images DIR --validation-labels CSV --sensitivity 0.{k} --force")
+        if evaluation is not None:
+            if s.get("per_source"):
+                for line in evaluation.table("per source", s["per_source"]):
+                    print(line)
+            for column, rows in s.get("subgroups", {}).items():
+                for line in evaluation.table(evaluation.SUBGROUPS[column], rows):
+                    print(line)
     else:
         print(s.get("error", ""))
     if "compare" in s:

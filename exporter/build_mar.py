@@ -31,7 +31,7 @@ from exporter.calibration import (
     report,
     score_validation_set,
 )
-from exporter.checkpoint import ARCHITECTURE, CheckpointError, file_sha256, load_checkpoint
+from exporter.checkpoint import ARCHITECTURE, CheckpointError, file_sha256, load_checkpoint, pipeline_config
 from exporter.export import (
     EXPLAIN_LAYER,
     ExportError,
@@ -60,7 +60,7 @@ from handler.archive import (
     release_memory,
 )
 from handler.checks import OOD_FILE, QualityLimits
-from handler.pipeline import TTA_CHOICES, PipelineConfig
+from handler.pipeline import IMAGE_SIZE, INTERPOLATIONS, TTA_CHOICES, PipelineConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 HANDLER_DIR = ROOT / "handler"
@@ -95,6 +95,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threshold", type=float, default=None,
                     help="decision threshold for the label (default 0.5; or chosen by --sensitivity/--specificity)")
     ap.add_argument("--tta-views", type=int, choices=TTA_CHOICES, default=8, help="TTA views (default 8)")
+    pre = ap.add_argument_group("preprocessing (taken from the checkpoint's record; these only for a checkpoint "
+                                "without one, and refused when they contradict it)")
+    pre.add_argument("--image-size", type=int, metavar="PX",
+                     help=f"the model's input side (default: the checkpoint's record, else {IMAGE_SIZE})")
+    pre.add_argument("--interpolation", choices=tuple(INTERPOLATIONS),
+                     help="the resize's OpenCV interpolation (INTER_AREA when shrinking either way; default: the "
+                          f"checkpoint's record, else {PipelineConfig().interpolation})")
     ap.add_argument("--output-dir", default=str(ROOT / "model_store"), help="where the .mar goes")
     ap.add_argument("--force", action="store_true", help="overwrite an existing archive")
     ap.add_argument("--trust-checkpoint", action="store_true",
@@ -115,7 +122,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="your images: a reduced precision is measured on them; with --validation-labels the "
                           "out-of-distribution check is fitted on them, and --calibrate and "
                           "--sensitivity/--specificity are possible")
-    val.add_argument("--validation-labels", metavar="CSV", help="their labels (SIIM-ISIC 2020 or ISIC 2019 CSV)")
+    val.add_argument("--validation-labels", metavar="CSV",
+                     help="their labels: any layout isic/labels.py reads (SIIM-ISIC 2020, ISIC 2019, ISIC 2024, an "
+                          "isic-cli download folder)")
     val.add_argument("--calibrate", choices=("none", "temperature"), default="none",
                      help="temperature: fit temperature scaling so that the served probability is calibrated "
                           "(the raw TTA score is served beside it as raw_score); default none")
@@ -137,10 +146,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="keep compiled bf16/int8 packages in this private folder and reuse one when the weights, "
                     "torch, compiler and CPU are the same (default: $MELANOMA_COMPILE_CACHE, else off)")
     ap.add_argument("--force-precision", action="store_true",
-                    help="write the reduced-precision archive even above --max-delta")
+                    help="write the reduced-precision archive even when its agreement with fp32 is above "
+                         "--max-delta; never when the compiled package fails the export check (it does not compute "
+                         "what the network computes at that precision)")
     chk = ap.add_argument_group("input-check limits (docs/INPUT_CHECKS.md; they flag images, never change a score)")
     chk.add_argument("--min-side", type=int, default=None, metavar="PX",
-                     help="flag photos whose shorter side is below this (default: the model's input size, 128)")
+                     help="flag photos whose shorter side is below this (default: the model's input size)")
     chk.add_argument("--min-sharpness", type=float, default=QualityLimits.min_sharpness, metavar="V",
                      help="flag images whose Laplacian variance at the model's input size is below this (default "
                           f"{QualityLimits.min_sharpness:g})")
@@ -196,10 +207,18 @@ def build(args: argparse.Namespace) -> Path:
         raise BuildError("--max-delta must be between 0 and 1")
     if args.batch_size < 1 or args.max_batch_delay < 0 or args.threads < 0:
         raise BuildError("--batch-size must be >= 1, --max-batch-delay and --threads >= 0")
+    serving = {"tta_views": args.tta_views, "threshold": 0.5 if args.threshold is None else args.threshold}
+    explicit = {"image_size": args.image_size, "interpolation": args.interpolation}
     try:
-        cfg = PipelineConfig(tta_views=args.tta_views, threshold=0.5 if args.threshold is None else args.threshold)
+        PipelineConfig(**serving, **{k: v for k, v in explicit.items() if v is not None})  # fail before any work
     except ValueError as e:
         raise BuildError(str(e)) from None
+    try:  # the limits too (min_side is final once the input size is known, below)
+        QualityLimits(min_side=1 if args.min_side is None else args.min_side, min_sharpness=args.min_sharpness,
+                      max_clipped=args.max_clipped, min_median=args.median_luminance[0],
+                      max_median=args.median_luminance[1])
+    except ValueError as e:
+        raise BuildError(f"input-check limits: {e}") from None
     goal = "sensitivity" if args.sensitivity is not None else "specificity" if args.specificity is not None else None
     fits = args.calibrate != "none" or goal is not None
     if fits and not (args.validation_images and args.validation_labels):
@@ -207,20 +226,14 @@ def build(args: argparse.Namespace) -> Path:
                          "--validation-images DIR --validation-labels CSV")
     if goal is not None and args.threshold is not None:
         raise BuildError(f"--threshold and --{goal} both set the threshold; give one")
-    try:
-        limits = QualityLimits(min_side=cfg.image_size if args.min_side is None else args.min_side,
-                               min_sharpness=args.min_sharpness, max_clipped=args.max_clipped,
-                               min_median=args.median_luminance[0], max_median=args.median_luminance[1])
-    except ValueError as e:
-        raise BuildError(f"input-check limits: {e}") from None
     if not 50 <= args.ood_percentile < 100:
         raise BuildError("--ood-percentile must be in [50, 100)")
     if goal is not None and not 0 < getattr(args, goal) < 1:
         raise BuildError(f"--{goal} must be between 0 and 1")
     if args.validation_images and not Path(args.validation_images).is_dir():
         raise BuildError(f"--validation-images {args.validation_images} does not exist (or is not a folder)")
-    if args.validation_labels and not Path(args.validation_labels).is_file():
-        raise BuildError(f"--validation-labels {args.validation_labels} does not exist (or is not a file)")
+    if args.validation_labels and not Path(args.validation_labels).exists():
+        raise BuildError(f"--validation-labels {args.validation_labels} does not exist")
     archiver = shutil.which("torch-model-archiver", path=str(Path(sys.executable).parent)) or shutil.which(
         "torch-model-archiver"
     )
@@ -229,7 +242,7 @@ def build(args: argparse.Namespace) -> Path:
 
     demo = args.checkpoint is None
     if demo:
-        ckpt = demo_checkpoint(cfg.image_size)
+        ckpt = demo_checkpoint(args.image_size or IMAGE_SIZE)
         source = "demo (seed-initialised, untrained)"
     else:
         with warnings.catch_warnings(record=True) as caught:
@@ -241,6 +254,16 @@ def build(args: argparse.Namespace) -> Path:
     print(f"checkpoint: {source}: {ckpt.form}, head {ckpt.head} ({ckpt.outputs} output(s))", file=sys.stderr)
     for note in ckpt.notes:
         print(f"  note: {note}", file=sys.stderr)
+    # The preprocessing the network was trained with travels from its checkpoint into the archive.
+    cfg, notice = pipeline_config(ckpt, explicit, serving)
+    if notice:
+        print(f"  {'note' if ckpt.pipeline is not None else 'notice'}: {notice}", file=sys.stderr)
+    try:
+        limits = QualityLimits(min_side=cfg.image_size if args.min_side is None else args.min_side,
+                               min_sharpness=args.min_sharpness, max_clipped=args.max_clipped,
+                               min_median=args.median_luminance[0], max_median=args.median_luminance[1])
+    except ValueError as e:
+        raise BuildError(f"input-check limits: {e}") from None
 
     if args.runtime != "torchscript" and args.runtime not in RUNTIMES[args.precision]:  # torchscript: the default
         serves = " and ".join(p for p, r in RUNTIMES.items() if args.runtime in r)
@@ -277,9 +300,14 @@ def build(args: argparse.Namespace) -> Path:
         agreement = measure(model_bytes, reduced, args.precision, cfg, measured, labels, calibrated_on,
                             "openvino" if args.runtime == "openvino" else None)
         print(agreement.report(args.precision), file=sys.stderr)
-        if agreement.max_abs_dp > args.max_delta and not args.force_precision:
-            raise BuildError(f"{args.precision} differs from fp32 by up to {agreement.max_abs_dp:.4f} in probability "
-                             f"(> --max-delta {args.max_delta}); nothing written (--force-precision to override)")
+        if agreement.max_abs_dp > args.max_delta:
+            if not args.force_precision:
+                raise BuildError(f"agreement: {args.precision} itself is too far from fp32 on your validation "
+                                 f"images: up to {agreement.max_abs_dp:.4f} in probability (> --max-delta "
+                                 f"{args.max_delta}); nothing written (--force-precision writes it anyway)")
+            print(f"WARNING: --force-precision: writing the {args.precision} archive although it differs from fp32 "
+                  f"by up to {agreement.max_abs_dp:.4f} in probability (> --max-delta {args.max_delta}); "
+                  "metadata.json records both", file=sys.stderr)
         precision = {"name": args.precision, "bound": args.max_delta, **agreement.to_mapping(), **compiled}
         model_bytes = reduced
         model_file = ONNX_MODEL_FILE if args.runtime == "openvino" else COMPILED_MODEL_FILE

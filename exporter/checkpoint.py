@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from handler.pipeline import IMAGE_SIZE, PREPROCESSING, PipelineConfig
+
 ARCHITECTURE = "resnest50_fast_4s1x64d"
 FEATURES = 2048  # input width of the ResNeSt-50 head
 HEADS = {1: "sigmoid", 2: "softmax"}  # outputs -> how the malignancy probability is read
@@ -84,6 +86,9 @@ class LoadedCheckpoint:
     form: str
     sha256: str
     notes: list[str] = field(default_factory=list)
+    # The pipeline config the network was trained with (hyper_parameters["pipeline"], written by train/), or None
+    # for a checkpoint that records none: pipeline_config() builds the archive's from it.
+    pipeline: dict[str, Any] | None = None
 
     @property
     def head(self) -> str:
@@ -135,11 +140,68 @@ def load_checkpoint(path: str | Path, trust: bool = False) -> LoadedCheckpoint:
         form, sd = "pickled module", obj.state_dict()
     else:
         form, sd = _find_state_dict(p, obj)
+    pipeline = _recorded_pipeline(p, obj)  # before the model is built: a record that cannot be used fails fast
     module, outputs, more = _model_from_state_dict(p, sd)
     notes += more
     if "module." in _prefix_of(sd):
         form += " (DataParallel)"
-    return LoadedCheckpoint(module, outputs, form, sha, notes)
+    return LoadedCheckpoint(module, outputs, form, sha, notes, pipeline)
+
+
+def _recorded_pipeline(p: Path, obj: Any) -> dict[str, Any] | None:
+    """hyper_parameters["pipeline"] (hparams in 2020-era Lightning), checked now: a record this version cannot
+    read (a field it does not know, a value out of range) is refused rather than half applied."""
+    hp = obj.get("hyper_parameters", obj.get("hparams")) if isinstance(obj, Mapping) else None
+    record = hp.get("pipeline") if isinstance(hp, Mapping) else getattr(hp, "pipeline", None)
+    if record is None:
+        return None
+    try:
+        if not isinstance(record, Mapping):
+            raise ValueError(f"a {type(record).__name__}, not a mapping")
+        PipelineConfig.from_mapping(record)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{p}: its recorded pipeline config cannot be used ({e}); rebuild it with the version "
+                              "of this project that trained it") from None
+    return dict(record)
+
+
+def pipeline_config(ckpt: LoadedCheckpoint | None, explicit: Mapping[str, Any],
+                    serving: Mapping[str, Any]) -> tuple[PipelineConfig, str | None]:
+    """The archive's pipeline: the preprocessing the checkpoint records (PREPROCESSING fields), or today's
+    defaults where it records none, with `explicit` preprocessing options (build_mar.sh --image-size, ...) over
+    the defaults only; `serving` (TTA views, threshold) is the build's own choice. Returns the config and a
+    notice for the user (None when there is nothing to say). CheckpointError, one line, when an explicit option
+    contradicts the record: serving a network at another size or resize than it was trained at is wrong
+    silently, so it is never done on request."""
+    record = ckpt.pipeline if ckpt is not None else None
+    explicit = {k: v for k, v in explicit.items() if v is not None}
+    unknown = set(explicit) - set(PREPROCESSING)
+    if unknown:
+        raise ValueError(f"not preprocessing fields: {', '.join(sorted(unknown))}")
+    notice = None
+    if record is None:
+        base = PipelineConfig(**explicit).preprocessing()
+        if ckpt is not None and ckpt.form != "demo":
+            shown = ", ".join(f"{k} {base[k]}" for k in ("image_size", "interpolation", "area_for_downscale"))
+            given = "the options given and " if explicit else ""
+            notice = (f"this checkpoint records no pipeline config: built with {given}today's defaults ({shown}); "
+                      "a network trained otherwise would be served wrong")
+    else:
+        recorded = PipelineConfig.from_mapping(record).preprocessing()
+        clash = {k: v for k, v in PipelineConfig(**explicit).preprocessing().items()
+                 if k in explicit and v != recorded[k]}
+        if clash:
+            k = sorted(clash)[0]
+            raise CheckpointError(f"--{k.replace('_', '-')} {clash[k]} contradicts the checkpoint, trained with "
+                                  f"{k} {recorded[k]} (its recorded pipeline): leave the option out, the archive is "
+                                  "built from the record")
+        base = recorded
+        notice = "pipeline from the checkpoint's record: " + ", ".join(
+            f"{k} {recorded[k]}" for k in ("image_size", "interpolation", "area_for_downscale"))
+    try:
+        return PipelineConfig(**{**base, **serving}), notice
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def _is_torchscript(p: Path) -> bool:
@@ -321,12 +383,13 @@ def _from_torchscript(p: Path, sha: str) -> LoadedCheckpoint:
     except CheckpointError:
         pass
     # Frozen or foreign scripts carry no usable state_dict: serve the script itself after a shape check.
-    x = torch.zeros(2, 3, 128, 128)
+    x = torch.zeros(2, 3, IMAGE_SIZE, IMAGE_SIZE)
     try:
         with torch.inference_mode():
             y = scripted(x)
     except Exception as e:
-        raise CheckpointError(f"{p}: TorchScript model fails on a 2x3x128x128 input ({_first_line(e)})") from None
+        raise CheckpointError(f"{p}: TorchScript model fails on a 2x3x{IMAGE_SIZE}x{IMAGE_SIZE} input "
+                              f"({_first_line(e)})") from None
     if not isinstance(y, torch.Tensor) or y.ndim != 2 or y.shape[0] != 2 or y.shape[1] not in HEADS:
         shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
         raise CheckpointError(

@@ -114,10 +114,11 @@ class ArchiveMetadata:
             value = getattr(self, f.name)
             want = {"int": int, "bool": bool, "str": str}.get(str(f.type))
             if want is not None and (type(value) is not want):
-                raise ArchiveError(f"{where}: {f.name} must be {want.__name__}, got {value!r}")
+                raise ArchiveError(f"{where}: {f.name} must be {want.__name__}, got {value!r}: rebuild the archive "
+                                   "with this version's ./build_mar.sh")
         if not isinstance(self.precision, dict) or self.precision.get("name") not in PRECISIONS:
             raise ArchiveError(f"{where}: precision must be an object whose name is one of {', '.join(PRECISIONS)}, "
-                               f"got {self.precision!r}")
+                               f"got {self.precision!r}: rebuild the archive with this version's ./build_mar.sh")
         if "format" in self.precision and self.runtime not in RUNTIMES[self.precision["name"]]:
             article = "an" if self.precision["name"][0] in "aeiou" else "a"
             raise ArchiveError(f"{where}: {article} {self.precision['name']} model runs on "
@@ -125,7 +126,8 @@ class ArchiveMetadata:
                                "archive with ./build_mar.sh")
         if self.explain is not None and not (isinstance(self.explain, dict)
                                              and {"file", "method", "layer"} <= set(self.explain)):
-            raise ArchiveError(f"{where}: explain must be null or an object with file, method and layer")
+            raise ArchiveError(f"{where}: explain must be null or an object with file, method and layer: rebuild the "
+                               "archive with this version's ./build_mar.sh")
         if self.explain is not None and self.explain["method"] not in EXPLAIN_METHODS:
             raise ArchiveError(f"{where}: explain.method {self.explain['method']!r} is not one of "
                                f"{', '.join(EXPLAIN_METHODS)}: rebuild the archive with this version's ./build_mar.sh")
@@ -152,7 +154,8 @@ class ArchiveMetadata:
         except (TypeError, ValueError) as e:
             raise ArchiveError(f"{where}: checks.limits: {e}: rebuild the archive with ./build_mar.sh") from None
         if self.outputs not in (1, 2) or not isinstance(self.versions, dict):
-            raise ArchiveError(f"{where}: outputs must be 1 or 2 and versions an object")
+            raise ArchiveError(f"{where}: outputs must be 1 or 2 and versions an object: rebuild the archive with "
+                               "this version's ./build_mar.sh")
 
     @classmethod
     def from_mapping(cls, data: Any) -> ArchiveMetadata:

@@ -18,6 +18,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from handler.pipeline import IMAGE_SIZE
+
 OOD_FILE = "ood.npz"
 OOD_METHOD = "mahalanobis-ledoit-wolf"  # what exporter/ood.py fits and OodModel.distance computes
 
@@ -35,7 +37,7 @@ class QualityLimits:
     the dark share, because dermoscopy photos have black corners outside the scope's circle.
     """
 
-    min_side: int = 128
+    min_side: int = IMAGE_SIZE  # the build sets the archive's own input size
     min_sharpness: float = 5.0
     max_clipped: float = 0.25
     min_median: float = 40.0

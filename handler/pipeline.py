@@ -30,6 +30,9 @@ from handler.containers import StructureError, check_structure, jpeg_streams  # 
 # resets the EXIF orientation to 1, so exif_transpose below never turns a HEIC photo twice.
 register_heif_opener()
 
+# The model's input side in pixels when nothing says otherwise (the seed's): the one place it is written. A network
+# trained at another size records it in its checkpoint (train/), and the archive is built from that record.
+IMAGE_SIZE = 128
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TTA_CHOICES = (1, 2, 4, 8)
@@ -39,6 +42,12 @@ INTERPOLATIONS = {"nearest": cv2.INTER_NEAREST, "linear": cv2.INTER_LINEAR, "cub
 # write as JPEG.
 ALLOWED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF", "HEIF"})
 FORMAT_NAMES = "JPEG, PNG, WebP, BMP, GIF, TIFF or HEIC"
+# The fields that decide the pixels the network sees (decode, resize, normalise): a network must be served with the
+# values it was trained with. The others (TTA views, threshold, temperature, the size limit) are serving choices.
+PREPROCESSING = ("image_size", "mean", "std", "max_pixel_value", "reduced_decode", "interpolation",
+                 "area_for_downscale")
+
+
 class InputError(ValueError):
     """A request that cannot be scored; `status` is the HTTP code the caller should answer with."""
 
@@ -51,7 +60,7 @@ class InputError(ValueError):
 class PipelineConfig:
     """The preprocessing and decision contract. Travels in the .mar's model-config.yaml `handler:`."""
 
-    image_size: int = 128
+    image_size: int = IMAGE_SIZE
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     max_pixel_value: float = 255.0
@@ -106,6 +115,11 @@ class PipelineConfig:
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
         return d
+
+    def preprocessing(self) -> dict[str, Any]:
+        """The PREPROCESSING fields, as to_mapping writes them."""
+        d = self.to_mapping()
+        return {k: d[k] for k in PREPROCESSING}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,7 +39,8 @@ fi
 
 # Install only when the pinned requirements changed since the last successful install.
 stamp=.venv/.requirements-$(basename "$reqs" .txt).sha256
-want=$(cat requirements.txt requirements.lock requirements-app.txt requirements-openvino.txt "$reqs" | sha256sum | cut -d' ' -f1)
+want=$(cat requirements.txt requirements.lock requirements-app.txt requirements-openvino.txt requirements-evaluation.txt "$reqs" \
+  | sha256sum | cut -d' ' -f1)
 # One index per package, never two for one name (the torchtriton kind of mix-up):
 #  - torch, the CPU build, from PyTorch's CPU index alone (--isolated: this machine's pip configuration adds no
 #    other index), without its dependencies, which are pinned in requirements.txt. The +cpu local version can only

@@ -9,6 +9,7 @@ from torch import nn
 
 from exporter.checkpoint import LoadedCheckpoint, build_model
 from exporter.export import verification_images
+from handler.pipeline import IMAGE_SIZE
 
 
 def scaled(ckpt: LoadedCheckpoint, factor: float) -> LoadedCheckpoint:
@@ -38,7 +39,7 @@ def seeded_variant(seed: int, reach: float = 30.0) -> nn.Module:
             m.running_var.copy_(torch.exp(0.5 * torch.randn(m.num_features, generator=g)))
     model.eval()
     with torch.no_grad():
-        logits = model(verification_images(128))
+        logits = model(verification_images(IMAGE_SIZE))
         centre = logits.mean()
         k = reach / float((logits - centre).abs().max())
         model.fc.bias.sub_(centre).mul_(k)

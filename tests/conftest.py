@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from client.tsclient import wait_ready
+from testkit import fixture_cache
+from testkit.archives import BATCHED, BATCHED_CONFIG, variant
 from testkit.harness import ROOT, Server, on_run_cpus, run_build, start_server, stop_server
 from testkit.once import once
 from train.synthetic import write_dataset
@@ -19,9 +22,13 @@ from train.synthetic import write_dataset
 # The trained fixture: resnest50_fast_4s1x64d trained from scratch by `python -m train` (all layers, BatchNorm
 # statistics updated) on train.synthetic's task (irregular two-tone lesions vs round even ones), fp32 so the
 # result does not depend on this CPU's bf16 support. ~3 minutes on 2 cores; reaches validation AUC 1.0.
-# It is NOT a melanoma model: the label is a drawn property.
+# It is NOT a melanoma model: the label is a drawn property. Two torch threads whatever the machine: the thread
+# count orders the fp32 sums, so with torch's default (one per core) a 1-, 2- and 4-core machine each trained
+# another network and every figure measured on it could move. Its weights now depend on the CPU's instruction set
+# (the kernels oneDNN picks) and the torch version only.
 FIXTURE_TRAIN_ARGS = ("--epochs", "3", "--batch-size", "16", "--lr", "1e-3", "--warmup-epochs", "0.5",
-                      "--precision", "fp32", "--device", "cpu", "--seed", "7", "--save-every", "0")
+                      "--precision", "fp32", "--device", "cpu", "--seed", "7", "--save-every", "0", "--threads", "2",
+                      "--init", "scratch")  # from random weights: no ImageNet download in tests
 FIXTURE_IMAGES, HELDOUT_IMAGES = 400, 96
 XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # "gw0", "gw1", ... under pytest-xdist; None in one process
 
@@ -50,9 +57,12 @@ _pin_xdist_worker()
 
 @pytest.fixture(scope="session", autouse=True)
 def compile_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A bf16 package is compiled once per session per weights: every build_mar.sh here runs with a private
-    --compile-cache of this session's own (never the user's)."""
-    path = tmp_path_factory.mktemp("compile-cache")
+    """A bf16 or int8 package is compiled once per run per weights and CPU class: every build_mar.sh here runs
+    with a private --compile-cache of this run's own (never the user's), shared by the xdist workers (a build
+    that finds another compiling the same package waits for it: exporter.export.export_compiled)."""
+    base = tmp_path_factory.getbasetemp()
+    path = (base.parent if XDIST_WORKER else base) / "compile-cache"
+    path.mkdir(mode=0o700, exist_ok=True)
     os.environ["MELANOMA_COMPILE_CACHE"] = str(path)
     return path
 
@@ -69,19 +79,25 @@ def _require_java() -> None:
 
 
 def _test_store(factory: pytest.TempPathFactory, name: str, *checkpoint: str) -> Path:
-    """A model store holding one archive, with batchSize 4 and a maxBatchDelay long enough for concurrent
-    requests in the tests to be batched together by TorchServe (the shipped default is 1). Built once per
-    run; every worker serves it from its own server."""
+    """A model store holding the archive built from `checkpoint` (none: the demo) with the shipped settings, and
+    its batched variant (BATCHED, the same archive with BATCHED_CONFIG). Built once per run; the session's
+    servers serve both, other tests start TorchServe on it with the archive alone."""
     def make(folder: Path) -> None:
-        (folder / "model_store").mkdir()
-        run_build(*checkpoint, "--batch-size", "4", "--max-batch-delay", "300", output_dir=folder / "model_store")
+        store = folder / "model_store"
+        store.mkdir()
+        run_build(*checkpoint, output_dir=store)
+        variant(store / "melanoma.mar", store, name=BATCHED, config=BATCHED_CONFIG)
 
     return _once(factory, f"{name}-store", make) / "model_store"
 
 
 def _serve(store: Path, factory: pytest.TempPathFactory, name: str) -> Iterator[Server]:
+    """TorchServe on `store` with both its models."""
     _require_java()
-    srv = start_server(store, factory.mktemp(name))
+    srv = start_server(store, factory.mktemp(name), {"load_models": f"melanoma=melanoma.mar,{BATCHED}={BATCHED}.mar"})
+    if not wait_ready(srv.management, srv.key_file, BATCHED, timeout=240):
+        stop_server(srv)
+        raise RuntimeError(f"{BATCHED} did not become ready: {srv.log()[-3000:]}")
     yield srv
     stop_server(srv)
 
@@ -114,15 +130,42 @@ def heldout_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_run(synthetic_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The run folder of `python -m train`, exactly as a user runs it (trained once per run)."""
+    """The run folder of `python -m train`, exactly as a user runs it (trained once per run, or restored from an
+    earlier run on this machine with the same code, packages and CPU: testkit.fixture_cache)."""
     def make(folder: Path) -> None:
+        name = f"trained-{fixture_cache.key(FIXTURE_TRAIN_ARGS, FIXTURE_IMAGES)}"
+        if fixture_cache.restore(folder / "run", name):
+            return
         cmd = [sys.executable, "-m", "train", "--labels", str(synthetic_data / "train.csv"),
                "--images", str(synthetic_data / "jpeg"), "--out", str(folder / "run"), *FIXTURE_TRAIN_ARGS,
                "--no-progress"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1800, preexec_fn=on_run_cpus)
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=3600, preexec_fn=on_run_cpus)
         assert proc.returncode == 0, f"training the fixture failed: {proc.stderr[-3000:]}"
+        fixture_cache.keep(folder / "run", name)
 
     return _once(tmp_path_factory, "trained-run", make) / "run"
+
+
+SERVERS = {"server", "server_of", "trained_server"}  # the session's read-only TorchServes
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under `--dist loadgroup` (scripts/test.sh) each module runs whole on one worker, as `--dist loadfile` would,
+    so a module's archives and servers are made once; and every module that reads from the session's demo and
+    trained servers runs on the same worker, so that those two TorchServes start once per run, not once per
+    worker."""
+    unmarked = [item.nodeid for item in items if "integration" in item.path.parts
+                and item.get_closest_marker("integration") is None]
+    if unmarked:  # `-m "not integration"` (the unit tier alone) would run them without saying so
+        raise pytest.UsageError(f"tests under tests/integration without the integration marker: {unmarked[:5]}")
+    for item in items:  # the unit tier is part of --quick unless a test is slow (scripts/test.sh)
+        if "unit" in item.path.parts:
+            item.add_marker(pytest.mark.quick)
+    served = {item.module.__name__ for item in items
+              if item.module is not None and SERVERS & set(getattr(item, "fixturenames", ()))}
+    for item in items:
+        name = item.module.__name__ if item.module is not None else item.nodeid
+        item.add_marker(pytest.mark.xdist_group("served" if name in served else name))
 
 
 def _needs_trained(item: pytest.Item) -> bool:
@@ -198,3 +241,15 @@ def offline_of(archive_of: Path) -> object:
     if archive_of not in _LOADED:
         _LOADED[archive_of] = load_archive(archive_of)
     return _LOADED[archive_of]
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Tests whose path depends on this CPU or on the weights record which one they took
+    (record_property("branch", ...)); the run ends by listing them, so a green run says what it checked."""
+    rows = sorted({f"{rep.nodeid}: {value}" for key in ("passed", "failed")
+                   for rep in terminalreporter.stats.get(key, []) if rep.when == "call"
+                   for name, value in rep.user_properties if name == "branch"})
+    if rows:
+        terminalreporter.section("branches taken (outcomes that depend on this CPU or on the weights)")
+        for row in rows:
+            terminalreporter.line(row)

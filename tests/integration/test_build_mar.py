@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import zipfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +20,13 @@ from exporter.export import demo_checkpoint
 from handler.archive import load_archive
 from handler.explain import explain_images, load_explainer
 from handler.pipeline import InputError, PipelineConfig, Score, load_tensor, tta_views
-from testkit.harness import ROOT, run_build, start_server, stop_server
+from testkit.archives import variant
+from testkit.harness import ROOT, build_in_process, run_build, start_server, stop_server
 from testkit.imaging import encode, lesion_rgb
 from testkit.tolerance import SAME_ARCHIVE_DP
 from train.synthetic import lesion
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.quick]  # part of scripts/test.sh --quick
 
 
 def test_demo_archive_contents(demo_archive: Path) -> None:
@@ -98,45 +100,49 @@ def eager_probability(model: torch.nn.Module, data: bytes, cfg: PipelineConfig, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("weights", "outputs"), [("demo", 1), ("demo", 2), ("trained", 2)])
-def test_checkpoint_archive_scores_equal_the_eager_model(weights: str, outputs: int, tmp_path: Path,
-                                                         request: pytest.FixtureRequest) -> None:
+@pytest.mark.parametrize("weights", ["demo", "trained"])
+def test_two_output_checkpoint_archive_scores_equal_the_eager_model(weights: str, tmp_path: Path,
+                                                                    request: pytest.FixtureRequest) -> None:
     """Acceptance: ./build_mar.sh some.ckpt scores in-process like the eager model (|dp| <= 1e-5: the export's
-    logit noise, <= 3.3e-5 x (|logit| + 1), moves a probability by at most a quarter of that). The trained
-    fixture with one output is trained_archive itself (test_trained_archive_equals_its_eager_model)."""
+    logit noise, <= 3.3e-5 x (|logit| + 1), moves a probability by at most a quarter of that), for a Lightning
+    checkpoint with a 2-output softmax head built from the demo's and the trained fixture's weights. A 1-output
+    sigmoid Lightning checkpoint is trained_archive itself (test_trained_archive_equals_its_eager_model). The
+    demo's also carries --threshold, --version and explain.pt (the trained one is built --no-explain)."""
     ref = demo_checkpoint().module if weights == "demo" else load_checkpoint(
         request.getfixturevalue("trained_checkpoint")).module
-    model = build_model(outputs).eval()
+    model = build_model(2).eval()
     sd = ref.state_dict()
-    if outputs == 2:
-        sd["fc.weight"] = torch.cat([torch.zeros(1, 2048), sd["fc.weight"]])
-        sd["fc.bias"] = torch.cat([torch.tensor([0.25]), sd["fc.bias"]])
+    sd["fc.weight"] = torch.cat([torch.zeros(1, 2048), sd["fc.weight"]])
+    sd["fc.bias"] = torch.cat([torch.tensor([0.25]), sd["fc.bias"]])
     model.load_state_dict(sd)
     ckpt = {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "epoch": 3,
             "hyper_parameters": {"lr": 1e-4}}
     torch.save(ckpt, tmp_path / "epoch=3-val_auc=0.89.ckpt")
     store = tmp_path / "model_store"
     store.mkdir()
-    proc = run_build(str(tmp_path / "epoch=3-val_auc=0.89.ckpt"), "--threshold", "0.3", "--version", "2.1",
-                     output_dir=store)
+    extra = ("--threshold", "0.3", "--version", "2.1") if weights == "demo" else ("--no-explain",)
+    proc = run_build(str(tmp_path / "epoch=3-val_auc=0.89.ckpt"), *extra, output_dir=store)
     assert "Lightning checkpoint" in proc.stderr
     archive = load_archive(store / "melanoma.mar")
-    assert archive.metadata.demo is False and archive.metadata.version == "2.1"
-    assert archive.metadata.head == ("softmax" if outputs == 2 else "sigmoid")
+    assert archive.metadata.demo is False and archive.metadata.head == "softmax"
+    assert archive.metadata.version == ("2.1" if weights == "demo" else "1.0")
     cfg = archive.cfg
     probs = []
     for seed in range(4):
         data = encode(lesion_rgb(seed=seed), "JPEG")
         res = archive.score(data)
-        expected = eager_probability(model, data, cfg, softmax=outputs == 2)
+        expected = eager_probability(model, data, cfg, softmax=True)
         assert abs(res["probability"] - expected) <= 1e-5
-        assert res["threshold"] == 0.3 and "warning" not in res
+        assert res["threshold"] == (0.3 if weights == "demo" else 0.5) and "warning" not in res
         probs.append(res["probability"])
-    # explain.pt is the same model (softmax head included): explain_images checks its logits against p
-    data = encode(lesion_rgb(seed=0), "JPEG")
-    body = explain_images(load_explainer(archive), [data], [Score(probs[0], probs[0])], archive.metadata, [False])[0]
-    assert body["probability"] == probs[0] and body["explanation"]["shape"] == [192, 256]
     assert max(probs) - min(probs) > 1e-3  # the images really score differently
+    if weights == "demo":  # explain.pt is the same model, softmax head included: explain_images checks its own
+        data = encode(lesion_rgb(seed=0), "JPEG")  # logits against the probability it is given, and refuses another
+        explainer = load_explainer(archive)
+        body = explain_images(explainer, [data], [Score(probs[0], probs[0])], archive.metadata, [False])[0]
+        assert body["explanation"]["shape"] == [192, 256]
+        with pytest.raises(RuntimeError, match="explain.pt disagrees with model.pt"):
+            explain_images(explainer, [data], [Score(probs[0] + 0.01, probs[0] + 0.01)], archive.metadata, [False])
 
 
 def test_trained_archive_equals_its_eager_model(trained_checkpoint: Path, trained_archive: Path) -> None:
@@ -154,32 +160,36 @@ def test_trained_archive_equals_its_eager_model(trained_checkpoint: Path, traine
 LIMITS = ("--min-side", "64", "--min-sharpness", "1e9", "--max-clipped", "0.5", "--median-luminance", "10", "250")
 
 
-@pytest.mark.parametrize("views", [1, 4])
-def test_tta_views_option_reaches_the_archive(views: int, tmp_path: Path) -> None:
-    """Also: --no-explain leaves explain.pt out (the views=1 build); explanations follow the views (4). The
-    views=1 build also sets every input-check limit: the archive records and scores with those, not the defaults."""
-    extra = ("--no-explain", *LIMITS) if views == 1 else ()
-    run_build("--tta-views", str(views), *extra, output_dir=tmp_path)
+def test_tta_views_and_limits_reach_the_archive(tmp_path: Path) -> None:
+    """--tta-views 1, --no-explain and every input-check limit, built (in-process): the archive serves one view,
+    records and scores with those limits, not the defaults, and has no explain.pt."""
+    proc = build_in_process("--tta-views", "1", "--no-explain", *LIMITS, output_dir=tmp_path)
+    assert proc.returncode == 0, proc.stderr
     archive = load_archive(tmp_path / "melanoma.mar")
-    assert archive.cfg.tta_views == views
+    assert archive.cfg.tta_views == 1
     data = encode(lesion_rgb(seed=1), "JPEG")
     checks = archive.score(data)["checks"]
-    if extra:
-        assert archive.metadata.checks["limits"] == {"min_side": 64, "min_sharpness": 1e9, "max_clipped": 0.5,
-                                                     "min_median": 10.0, "max_median": 250.0}
-        assert checks["blur"]["flagged"] and checks["blur"]["min_sharpness"] == 1e9  # no image is that sharp
-        assert checks["exposure"]["max_clipped"] == 0.5 and checks["exposure"]["median_range"] == [10.0, 250.0]
-        assert checks["resolution"]["min_side"] == 64 and not checks["passed"]
-        assert archive.metadata.explain is None and not archive.has_member("explain.pt")
-        assert (tmp_path / "melanoma.mar").stat().st_size < 150 * 2**20
-        with pytest.raises(InputError) as e:
-            load_explainer(archive)
-        assert e.value.status == 501
-    else:
-        assert archive.metadata.checks["limits"]["min_sharpness"] == 5.0 and not checks["blur"]["flagged"]
-        body = explain_images(load_explainer(archive), [data], [archive.scorer.score_bytes(data)], archive.metadata,
-                              [False])[0]
-        assert body["explanation"]["views_averaged"] == 4
+    assert archive.metadata.checks["limits"] == {"min_side": 64, "min_sharpness": 1e9, "max_clipped": 0.5,
+                                                 "min_median": 10.0, "max_median": 250.0}
+    assert checks["blur"]["flagged"] and checks["blur"]["min_sharpness"] == 1e9  # no image is that sharp
+    assert checks["exposure"]["max_clipped"] == 0.5 and checks["exposure"]["median_range"] == [10.0, 250.0]
+    assert checks["resolution"]["min_side"] == 64 and not checks["passed"]
+    assert archive.metadata.explain is None and not archive.has_member("explain.pt")
+    assert (tmp_path / "melanoma.mar").stat().st_size < 150 * 2**20
+    with pytest.raises(InputError) as e:
+        load_explainer(archive)
+    assert e.value.status == 501
+
+
+def test_explanations_follow_the_archives_views(demo_archive: Path, tmp_path: Path) -> None:
+    """The views travel in model-config.yaml (the build writes it: the test above); an archive whose config says 4
+    averages its heatmaps over 4 views (the demo archive with its config rewritten, not rebuilt)."""
+    four = load_archive(variant(demo_archive, tmp_path, handler={"tta_views": 4}))
+    assert four.cfg.tta_views == 4 and four.metadata.checks["limits"]["min_sharpness"] == 5.0
+    data = encode(lesion_rgb(seed=1), "JPEG")
+    assert not four.score(data)["checks"]["blur"]["flagged"]
+    body = explain_images(load_explainer(four), [data], [four.scorer.score_bytes(data)], four.metadata, [False])[0]
+    assert body["explanation"]["views_averaged"] == 4 and body["tta_views"] == 4
 
 
 @pytest.mark.parametrize("args,words", [
@@ -189,7 +199,7 @@ def test_tta_views_option_reaches_the_archive(views: int, tmp_path: Path) -> Non
     (("--median-luminance", "200", "100"), "0 <= low < high <= 255"),
 ])
 def test_bad_input_check_limits_fail_fast(args: tuple[str, ...], words: str, tmp_path: Path) -> None:
-    proc = run_build(*args, output_dir=tmp_path, check=False)
+    proc = build_in_process(*args, output_dir=tmp_path)
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and last.startswith("build_mar: error: input-check limits:") and words in last, last
     assert list(tmp_path.iterdir()) == []
@@ -229,11 +239,14 @@ def bad_checkpoints(tmp_path: Path) -> dict[str, tuple[Path, str, tuple[str, ...
 
 
 def test_bad_checkpoints_fail_fast_and_write_nothing(tmp_path: Path) -> None:
+    """In-process (build_mar's own main) but for the pickle that needs code, which goes through ./build_mar.sh
+    as a user runs it: the shell entry point's exit status and its one line."""
     store = tmp_path / "model_store"
     store.mkdir()
     (store / "keep.txt").write_text("untouched")
     for name, (path, words, _) in bad_checkpoints(tmp_path).items():
-        proc = run_build(str(path), output_dir=store, check=False)
+        build = partial(run_build, check=False) if name == "needs code" else build_in_process
+        proc = build(str(path), output_dir=store)
         errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
         assert proc.returncode != 0, name
         assert len(errors) == 1 and errors[0].startswith("build_mar: error:") and words in errors[0], \
@@ -243,11 +256,11 @@ def test_bad_checkpoints_fail_fast_and_write_nothing(tmp_path: Path) -> None:
 
 
 def test_bad_options_fail_fast(tmp_path: Path) -> None:
-    proc = run_build("--threshold", "2", output_dir=tmp_path, check=False)
+    proc = build_in_process("--threshold", "2", output_dir=tmp_path)
     assert proc.returncode != 0 and "threshold" in proc.stderr and not list(tmp_path.iterdir())
-    proc = run_build("--tta-views", "3", output_dir=tmp_path, check=False)
-    assert proc.returncode != 0 and "invalid choice" in proc.stderr
-    proc = run_build(output_dir=tmp_path / "absent", check=False)
+    proc = build_in_process("--tta-views", "3", output_dir=tmp_path)
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    proc = build_in_process(output_dir=tmp_path / "absent")
     assert proc.returncode != 0 and "does not exist" in proc.stderr
 
 

@@ -10,13 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 from isic import metrics
 from testkit.harness import ROOT, Server
 from testkit.imaging import encode, lesion_rgb
 from testkit.tolerance import SAME_ARCHIVE_DP
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.quick]  # part of scripts/test.sh --quick
 EVALUATE = [sys.executable, str(ROOT / "client" / "evaluate.py")]
 
 
@@ -74,6 +75,10 @@ def test_served_offline_and_compare(server: Server, demo_archive: Path, dataset:
     y = np.array([t for t, _ in scores.values()])
     p = np.array([q for _, q in scores.values()])
     assert s["auc"] == pytest.approx(metrics.auc(y, p)) and s["positives"] == int(y.sum())
+    # scikit-learn's own figures, on the scores the CSV holds
+    assert s["auc"] == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+    assert s["average_precision"] == pytest.approx(average_precision_score(y, p), abs=1e-12)
+    assert set(s["subgroups"]) == {"sex", "age_approx", "anatom_site_general"}  # the 2020 file's: no skin type
     assert (tmp_path / "served" / "roc.png").stat().st_size > 1000
     assert (tmp_path / "served" / "reliability.png").stat().st_size > 1000
     assert s["ece"] == pytest.approx(metrics.expected_calibration_error(y, p)) and s["brier"] == pytest.approx(
@@ -84,7 +89,8 @@ def test_served_offline_and_compare(server: Server, demo_archive: Path, dataset:
     offline = run("--labels", str(dataset / "ISIC_2019_Training_GroundTruth.csv"), "--images",
                   str(dataset / "train"), "--offline", str(demo_archive), "--out", str(tmp_path / "offline"))
     assert offline.returncode == 1, offline.stderr
-    assert json.loads((tmp_path / "offline" / "summary.json").read_text())["bootstrap"] == "image"  # 2019: none
+    off_summary = json.loads((tmp_path / "offline" / "summary.json").read_text())
+    assert off_summary["bootstrap"] == "image" and off_summary["subgroups"] == {}  # 2019's ground truth: neither
     off = read_scores(tmp_path / "offline" / "scores.csv")
     assert set(off) == set(scores)
     assert max(abs(off[n][1] - scores[n][1]) for n in off) <= SAME_ARCHIVE_DP

@@ -20,7 +20,7 @@ from testkit.harness import ROOT, Server
 from testkit.imaging import encode, lesion_rgb
 from testkit.tolerance import SAME_ARCHIVE_DP
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.quick]  # part of scripts/test.sh --quick
 
 
 @pytest.fixture(scope="module")

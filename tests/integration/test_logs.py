@@ -6,9 +6,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from testkit.harness import ROOT, read_log, start_server, stop_server
 from testkit.imaging import encode, lesion_rgb
 
+pytestmark = pytest.mark.integration
 KEEP = 5  # DefaultRolloverStrategy max in log4j2.xml
 
 

@@ -16,7 +16,7 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,7 @@ from PIL import Image
 
 from client.tsclient import Client
 from handler.archive import LoadedArchive, load_archive
-from testkit.harness import ROOT, Server, read_log, run_build, start_server, stop_server, worker_pids
+from testkit.harness import ROOT, Server, build_in_process, read_log, start_server, stop_server, worker_pids
 from testkit.imaging import encode, jpeg_with_orientation, lesion_rgb, png_header_only
 from testkit.load import soak
 from testkit.report import replace_block
@@ -64,12 +64,9 @@ def report() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def default_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An archive with the shipped defaults (batch size 1), as users serve it."""
-    store = tmp_path_factory.mktemp("rel") / "model_store"
-    store.mkdir()
-    run_build(output_dir=store)
-    return store
+def default_store(demo_store: Path) -> Path:
+    """The session's demo archive: built with the shipped defaults (batch size 1), as users serve it."""
+    return demo_store
 
 
 @pytest.fixture(scope="module")
@@ -249,6 +246,14 @@ def test_soak(live: Server) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def wait_until_done(futures: list[Future], n: int, timeout: float = 300) -> None:
+    """Until `n` of `futures` are done (an event, not a guess at how long the first answers take)."""
+    deadline = time.monotonic() + timeout
+    while sum(f.done() for f in futures) < n:
+        assert time.monotonic() < deadline, f"fewer than {n} requests answered in {timeout:.0f} s"
+        time.sleep(0.02)
+
+
 def test_worker_killed_during_load(live: Server) -> None:
     images = [encode(lesion_rgb(seed=70 + s)) for s in range(24)]
     client = Client(live.url, token=live.keys()["inference"], retries=8, backoff=0.5, timeout=120,
@@ -266,15 +271,16 @@ def test_worker_killed_during_load(live: Server) -> None:
             inflight["status"] = 0
         inflight["seconds"] = time.monotonic() - t
 
-    with ThreadPoolExecutor(5) as pool:
+    with ThreadPoolExecutor(6) as pool:
         futures = [pool.submit(client.predict_bytes, d) for d in images]
-        time.sleep(1.5)
+        wait_until_done(futures, 3)  # the load is flowing through the worker
         p = pool.submit(probe)
-        time.sleep(0.3)
+        pending = sum(not f.done() for f in futures)
         killed_at = time.monotonic()
         os.kill(worker, signal.SIGKILL)
         results = [f.result() for f in futures]
         p.result()
+    assert pending > 0, "every request had finished before the kill: no fault was tested"
     # recovery: until a new worker answers a plain request
     while live.predict(images[1]).status_code != 200:
         time.sleep(0.2)
@@ -300,7 +306,8 @@ def test_server_restart_mid_run(default_store: Path, tmp_path: Path) -> None:
     try:
         with ThreadPoolExecutor(2) as pool:
             futures = [pool.submit(client.predict_bytes, d) for d in images]
-            time.sleep(2)
+            wait_until_done(futures, 2)  # answered by the first server
+            pending = sum(not f.done() for f in futures)
             t = time.monotonic()
             stop_server(srv)
             restarted.append(start_server(default_store, srv.workdir, props=srv.props))
@@ -310,6 +317,7 @@ def test_server_restart_mid_run(default_store: Path, tmp_path: Path) -> None:
         for s in restarted or [srv]:
             stop_server(s)
     FIGURES["server stop + start: downtime"] = f"{downtime:.1f} s"
+    assert pending > 0, "every request had finished before the stop: no fault was tested"
     ok = len(results) == 12 and all(0 < r["probability"] < 1 for r in results)
     record("Faults", "server stopped and started mid-run (new keys)",
            "client retries and re-reads the key file; every image scored",
@@ -393,7 +401,7 @@ def test_unsafe_checkpoint_is_refused(tmp_path: Path) -> None:
     torch.save({"state_dict": {"fc.weight": torch.zeros(1, 2048)}, "x": _Exploit(str(marker))}, tmp_path / "x.ckpt")
     store = tmp_path / "store"
     store.mkdir()
-    proc = run_build(str(tmp_path / "x.ckpt"), output_dir=store, check=False)
+    proc = build_in_process(str(tmp_path / "x.ckpt"), output_dir=store)  # the shell's own: test_build_mar.py
     ok = proc.returncode != 0 and "--trust-checkpoint" in proc.stderr and not marker.exists() \
         and not list(store.iterdir())
     record("Unsafe checkpoints", "a .ckpt whose pickle creates a file", "build refused, file not created",

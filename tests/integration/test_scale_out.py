@@ -107,18 +107,23 @@ def test_balanced_correct_and_no_request_lost(cluster: object, store: Path) -> N
         except Exception as e:  # collected, asserted below
             errors.append(f"{i}: {e}")
 
-    def kill_later() -> None:
-        time.sleep(1.5)
+    at_kill: list[int] = []
+
+    def kill_after_some() -> None:  # an event, not a sleep: once 6 answers are in, 34 are still to come
+        while len(results) < 6 and not errors:
+            time.sleep(0.01)
         pid = int((Path(victim.workdir) / ".model_server.pid").read_text().strip())
+        at_kill.append(len(results))
         for p in [pid, *_children_of(pid)]:  # the JVM and its Python worker
             os.kill(p, signal.SIGKILL)
 
-    killer = threading.Thread(target=kill_later)
+    killer = threading.Thread(target=kill_after_some)
     killer.start()
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(one, range(40)))
     killer.join()
     assert not errors, errors
+    assert at_kill and at_kill[0] < 40, "every request had been answered before the kill: no fault was tested"
     assert len(results) == 40 and all(abs(p - expected[i % 6]) <= SAME_ARCHIVE_DP for i, p in results.items())
     assert requests.get(f"{cluster.url}/ping", timeout=10).json()["status"] == "Healthy"
 

@@ -16,11 +16,12 @@ import pytest
 import requests
 
 from handler.archive import LoadedArchive, load_archive
+from testkit.archives import BATCHED
 from testkit.harness import ROOT, Server
 from testkit.imaging import encode, lesion_rgb, variants
 from testkit.tolerance import SAME_ARCHIVE_DP
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.quick]  # part of scripts/test.sh --quick
 
 
 @pytest.fixture(scope="module")
@@ -129,13 +130,13 @@ def test_bad_input_gets_a_4xx_with_a_json_message(how: str, status: int, words: 
 
 
 def test_batch_with_one_corrupt_request(server_of: Server, offline_of: LoadedArchive) -> None:
-    """Concurrent requests land in one TorchServe batch (maxBatchDelay 300 ms in the test archive);
-    the corrupt one gets 400, the others their correct scores."""
+    """Four concurrent requests land in one TorchServe batch (the batched model: batchSize 4, and a delay so long
+    that the batch leaves only when full); the corrupt one gets 400, the others their correct scores."""
     images = [encode(lesion_rgb(seed=s)) for s in range(10, 13)]
     bodies = [images[0], b"\xff\xd8\xff\xe0 corrupt", images[1], images[2]]
     before = server_of.log().count("batch of 4")
     with ThreadPoolExecutor(4) as pool:
-        answers = list(pool.map(server_of.predict, bodies))
+        answers = list(pool.map(lambda body: server_of.predict(body, model=BATCHED), bodies))
     assert [r.status_code for r in answers] == [200, 400, 200, 200]
     for img, r in zip(images, [answers[0], answers[2], answers[3]], strict=True):
         assert abs(r.json()["probability"] - offline_of.score(img)["probability"]) <= SAME_ARCHIVE_DP
@@ -148,13 +149,13 @@ def test_text_field_named_data_beside_ordinary_requests(server: Server, offline:
     switch its batch-mates to envelope answers. TorchServe hands the field over as bytes: it is read as an
     image body, which it is not, so it gets its own 415 JSON; each batch-mate keeps its own status and score."""
     images = [encode(lesion_rgb(seed=s)) for s in range(20, 23)]
-    url, h = f"{server.url}/predictions/melanoma", server.headers()
+    url, h = f"{server.url}/predictions/{BATCHED}", server.headers()
     calls = [
         lambda: requests.post(url, files={"data": (None, base64.b64encode(images[0]).decode())}, headers=h,
                               timeout=120),
-        lambda: server.predict(images[1]),
-        lambda: server.predict(b"\xff\xd8\xff\xe0 corrupt"),
-        lambda: server.predict(images[2]),
+        lambda: server.predict(images[1], model=BATCHED),
+        lambda: server.predict(b"\xff\xd8\xff\xe0 corrupt", model=BATCHED),
+        lambda: server.predict(images[2], model=BATCHED),
     ]
     before = server.log().count("batch of 4")
     with ThreadPoolExecutor(4) as pool:

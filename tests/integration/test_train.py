@@ -83,7 +83,7 @@ def _small_data(tmp_path: Path) -> Path:
 
 
 SMALL = ("--epochs", "2", "--batch-size", "4", "--lr", "1e-3", "--precision", "fp32", "--device", "cpu",
-         "--seed", "5", "--val-fraction", "0.25", "--threads", "2")
+         "--seed", "5", "--val-fraction", "0.25", "--threads", "2", "--init", "scratch")  # no download in tests
 
 
 def _final_weights(run: Path) -> dict[str, torch.Tensor]:

@@ -19,6 +19,7 @@ from testkit.harness import ROOT, Server, start_server, stop_server
 from testkit.imaging import encode, lesion_rgb
 from testkit.tolerance import SAME_ARCHIVE_DP
 
+pytestmark = [pytest.mark.integration, pytest.mark.quick]  # part of scripts/test.sh --quick
 CLIENTS = 3
 # One version's answers agree within testkit.tolerance's bound; the two versions differ by far more (asserted below).
 SAME_MODEL = SAME_ARCHIVE_DP

@@ -44,7 +44,11 @@ def test_wheel_holds_the_client_alone(client_wheel: Path) -> None:
     packages = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert packages == {"client", "isic"}
     requires = sorted(ln.split(":", 1)[1].strip() for ln in meta.splitlines() if ln.startswith("Requires-Dist:"))
-    assert [r.split(">")[0].split("=")[0] for r in requires] == ["numpy", "requests"]
+    base = [r for r in requires if "extra ==" not in r]
+    assert [r.split(">")[0].split("=")[0] for r in base] == ["numpy", "requests"]
+    # scikit-learn and matplotlib only for the evaluation extra: a plain install stays small
+    extra = sorted(r.split(">")[0] for r in requires if r.endswith('extra == "evaluation"'))
+    assert extra == ["matplotlib", "scikit-learn"] and len(requires) == 4, requires
     assert "melanoma-predict = client.predict:cli" in scripts and "melanoma-evaluate = client.evaluate:cli" in scripts
 
 
@@ -81,6 +85,10 @@ def test_installed_client_runs_without_torch(client_wheel: Path, tmp_path: Path)
     for script in ("melanoma-predict", "melanoma-evaluate"):
         helped = run(script, "--help")
         assert helped.returncode == 0 and "usage:" in helped.stdout, helped.stderr
+    # without the evaluation extra, evaluating is one line saying how to add it
+    bare = run("melanoma-evaluate", "--labels", "train.csv", "--images", ".", "--url", "http://127.0.0.1:9")
+    assert bare.returncode == 2 and len(bare.stderr.strip().splitlines()) == 1, bare.stderr
+    assert "pip install 'melanoma-client[evaluation]'" in bare.stderr
     image = tmp_path / "x.jpg"
     image.write_bytes(b"\xff\xd8\xff\xe0 not really")
     offline = run("melanoma-predict", str(image), "--offline", "model.mar")

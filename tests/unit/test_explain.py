@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from exporter.export import EXPLAIN_LAYER, demo_checkpoint, export_explainer
-from handler.archive import ArchiveMetadata, LoadedArchive
+from exporter.export import EXPLAIN_LAYER, export_explainer
+from handler.archive import ArchiveMetadata, LoadedArchive, load_archive
 from handler.explain import (
     Explainer,
     explain_images,
@@ -47,9 +47,14 @@ def _explainer(ckpt) -> Explainer:  # noqa: ANN001
     return Explainer(parts, CFG, EXPLAIN_LAYER)
 
 
+def _archived(archive: Path) -> Explainer:
+    """The explain.pt an archive ships (build_mar exported and verified it): no second export here."""
+    return load_explainer(load_archive(archive))
+
+
 @pytest.fixture(scope="module")
-def demo_explainer() -> Explainer:
-    return _explainer(demo_checkpoint())
+def demo_explainer(demo_archive: Path) -> Explainer:
+    return _archived(demo_archive)
 
 
 def test_map_formulas() -> None:
@@ -120,16 +125,15 @@ def test_heatmap_peak_falls_inside_the_blob() -> None:
 
 
 @pytest.mark.slow
-def test_trained_fixture_heatmap_peaks_on_the_lesion(trained_checkpoint: Path) -> None:
+def test_trained_fixture_heatmap_peaks_on_the_lesion(trained_archive: Path) -> None:
     """The trained fixture (train/ on the synthetic task): for images of the positive class, the map's
     peak lies on the lesion (within one cell of the 8x8 map: what its border and patch look like is the
     evidence) and the map is hotter on the lesion than off it, wherever the lesion is."""
     from scipy import ndimage
 
-    from exporter.checkpoint import load_checkpoint
     from train.synthetic import lesion_and_mask
 
-    ex = _explainer(load_checkpoint(trained_checkpoint))
+    ex = _archived(trained_archive)
     rng = np.random.default_rng(2024)
     for i in range(8):
         img, mask = lesion_and_mask(1, rng)
@@ -180,13 +184,12 @@ def test_overlay_request(row: dict, headers: dict[str, str], expected: bool) -> 
 
 
 @pytest.mark.slow
-def test_one_scale_low_probability_shows_a_cold_map(trained_checkpoint: Path) -> None:
+def test_one_scale_low_probability_shows_a_cold_map(trained_archive: Path) -> None:
     """Maps share one scale (relative map x probability): a benign-scored image's brightest cell is its low
     probability, a malignant-scored one's its high probability, and the overlay colours follow."""
-    from exporter.checkpoint import load_checkpoint
     from train.synthetic import lesion_and_mask
 
-    ex = _explainer(load_checkpoint(trained_checkpoint))
+    ex = _archived(trained_archive)
     rng = np.random.default_rng(7)
     labels = [0, 0, 0, 1, 1, 1]
     images = [encode(lesion_and_mask(label, rng)[0], "PNG") for label in labels]

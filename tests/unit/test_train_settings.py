@@ -48,3 +48,18 @@ def test_another_thread_count_is_allowed_with_a_warning() -> None:
     note = thread_note(was, Settings("l.csv", "img", threads=1))
     assert note is not None and note.startswith("train: warning:") and "2 torch thread(s)" in note
     assert "this one uses 1" in note
+
+
+def test_a_checkpoint_from_before_several_sources_resumes_as_it_was(tmp_path: Path) -> None:
+    """One label file as a str, init None (scratch, before --init imagenet), no val_source or indeterminate: the
+    resumed run is that run, not today's defaults (an ImageNet start would refetch and change nothing it uses)."""
+    old = {"labels": "l.csv", "images": "img", "init": None, "epochs": 4, "batch_size": 32, "lr": 3e-4,
+           "weight_decay": 1e-2, "warmup_epochs": 1.0, "pos_weight": 1.0, "val_fraction": 0.2, "seed": 42,
+           "augment": True, "precision": "fp32", "device": "cpu", "image_size": 128, "threads": 2}
+    run = _interrupted(tmp_path / "r", **old)
+    settings = settings_from(parse_args(["--out", str(run), "--resume"]))
+    assert settings == Settings(("l.csv",), ("img",), init="scratch", epochs=4, threads=2)
+    assert settings.val_source is None and settings.indeterminate == "exclude"
+    # Labels given again: the interrupted run's start is kept unless --init says otherwise.
+    again = settings_from(parse_args(["--labels", "l.csv", "--images", "img", "--out", str(run), "--resume"]))
+    assert again.init == "scratch"
