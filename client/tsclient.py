@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_URL = "http://127.0.0.1:8080"
 from isic.labels import IMAGE_SUFFIXES  # noqa: E402 (one list for the client and evaluation)
 
-RETRY_STATUS = {502, 503, 504, 507}  # worker busy, restarting or out of memory: worth another try
+RETRY_STATUS = {429, 502, 503, 504, 507}  # rate-limited (the gateway), worker busy, restarting or out of memory
 
 
 class ClientError(Exception):
@@ -147,7 +147,7 @@ def add_server_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--workers", type=int, default=4, help="images in flight at once (default 4)")
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
     ap.add_argument("--retries", type=int, default=6,
-                    help="retries on 502/503/504/507, a worker that died mid-request and connection errors, "
+                    help="retries on 429/502/503/504/507, a worker that died mid-request and connection errors, "
                          "backing off 0.5, 1, 2 ... 16 s (default 6: ~30 s)")
 
 

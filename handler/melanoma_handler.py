@@ -17,6 +17,11 @@ from typing import Any
 
 import torch
 
+# TorchServe's worker parses an application/json body whole (and decodes text/*) before any handler code runs:
+# a 26 MiB body of empty objects grew to ~570 MiB there. Off, bodies reach us as bytes, and handler/request.py
+# parses JSON only when its structure is small. Read by the worker for every request, so set at import (the
+# worker imports this module when it loads the model, before its first request).
+os.environ["TS_DECODE_INPUT_REQUEST"] = "false"
 # TorchServe's base_handler imports openvino.torch (OpenVINO's torch.compile backend) whenever OpenVINO is
 # installed: +130 MiB and ~3 s in every worker, TorchScript archives included, for a backend this handler never
 # uses (--runtime openvino archives run OpenVINO's own runtime, +17 MiB). A None entry makes that import fail,
@@ -24,12 +29,13 @@ import torch
 sys.modules.setdefault("openvino.torch", None)  # type: ignore[arg-type]
 from ts.torch_handler.base_handler import BaseHandler  # noqa: E402
 from ts.torch_handler.request_envelope.base import BaseEnvelope  # noqa: E402
+from ts.torch_handler.request_envelope.kserve import KServeEnvelope  # noqa: E402
 
 from handler import pipeline  # noqa: E402
 from handler.archive import load_archive, precision_warning, release_memory, result  # noqa: E402
 from handler.explain import Explainer, explain_images, load_explainer  # noqa: E402
 from handler.pipeline import InputError, Score  # noqa: E402
-from handler.request import Request, parse_request  # noqa: E402
+from handler.request import Request, envelope_instances, parse_request  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +54,18 @@ def called_by_envelope(depth: int = 8) -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+def _kserve_instances(self: KServeEnvelope, data: list[Any]) -> list[Any]:
+    """KServeEnvelope.parse_input, bounded: TorchServe's own json.loads-es the whole body and takes any number
+    of instances; this one parses within handler/request.py's limits and refuses a request over them whole."""
+    self._data_list = [row.get("data") or row.get("body") for row in data]
+    self._inputs = envelope_instances(self._data_list[0])
+    return self._inputs
+
+
+# service_envelope=kserve (deploy/kserve/config): the envelope TorchServe wraps around this handler.
+KServeEnvelope.parse_input = _kserve_instances  # type: ignore[method-assign]
 
 
 METRICS = [  # name, unit, extra dimension, type name (ts.metrics.metric_type_enum.MetricTypes)
@@ -210,6 +228,8 @@ class MelanomaHandler(BaseHandler):
             r.body, r.status = body, body["code"]
 
     def _reply(self, r: Request) -> Any:
+        if r.inline and r.whole:  # the envelope refused the request itself: its status, its message
+            self.context.set_response_status(r.status, PHRASES.get(r.status, "Error"), 0)
         if r.inline:  # one HTTP status cannot speak for several instances: errors stay in the body
             return r.body
         self.context.set_response_content_type(r.slot, JSON)

@@ -21,8 +21,10 @@ import albumentations as A  # noqa: E402
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image, ImageOps, UnidentifiedImageError  # noqa: E402
+from PIL import Image, UnidentifiedImageError  # noqa: E402
 from pillow_heif import register_heif_opener  # noqa: E402
+
+from handler.containers import StructureError, check_structure, jpeg_streams  # noqa: E402
 
 # HEIC/HEIF (what phones save) through libheif. pillow-heif applies the container's rotation and mirror and
 # resets the EXIF orientation to 1, so exif_transpose below never turns a HEIC photo twice.
@@ -66,6 +68,12 @@ class PipelineConfig:
     threshold: float = 0.5
     # Larger images are refused before decoding (decompression bombs); 50 MP covers phone photos.
     max_image_pixels: int = 50_000_000
+    # Pixels decoded at full resolution: every format but JPEG, a JPEG that libjpeg must buffer whole
+    # (progressive, lossless, or a first scan without every component: its coefficients for the whole image),
+    # and a JPEG's reduced-scale size. Decoding costs ~8 bytes per such pixel at its peak (the decoder's image,
+    # then our uint8 RGB), so 24 MP (6000 x 4000) keeps the worst accepted input of every format under
+    # 250 MiB of worker memory and 2 s of CPU (docs/SECURITY.md, "Image decoders", has the table).
+    max_decoded_pixels: int = 24_000_000
     # Decode JPEGs at a reduced DCT scale that keeps the shorter side >= 2x image_size.
     reduced_decode: bool = True
     # The resize training used: OpenCV `interpolation`, and INTER_AREA whenever the image shrinks
@@ -86,8 +94,9 @@ class PipelineConfig:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
         if self.image_size < 16 or len(self.mean) != 3 or len(self.std) != 3:
             raise ValueError("image_size must be >= 16 and mean/std must have 3 values")
-        if any(s <= 0 for s in self.std) or self.max_pixel_value <= 0 or self.max_image_pixels <= 0:
-            raise ValueError("std, max_pixel_value and max_image_pixels must be positive")
+        if any(s <= 0 for s in self.std) or self.max_pixel_value <= 0 or min(self.max_image_pixels,
+                                                                            self.max_decoded_pixels) <= 0:
+            raise ValueError("std, max_pixel_value, max_image_pixels and max_decoded_pixels must be positive")
         if not (isinstance(self.temperature, (int, float)) and 0 < self.temperature < float("inf")):
             raise ValueError(f"temperature must be a positive number, got {self.temperature!r}")
         if self.interpolation not in INTERPOLATIONS:
@@ -125,9 +134,17 @@ def decode_image(data: bytes | bytearray | memoryview, cfg: PipelineConfig) -> n
 
 def decode(data: bytes | bytearray | memoryview, cfg: PipelineConfig) -> tuple[np.ndarray, tuple[int, int]]:
     """decode_image, and the photo's (width, height) as sent, EXIF orientation applied: a JPEG may be decoded
-    at a reduced scale, and the input checks judge the resolution of the photo, not of its decoding."""
+    at a reduced scale, and the input checks judge the resolution of the photo, not of its decoding.
+
+    What a decode may cost is decided from the header, before any pixel is decoded: at most max_image_pixels
+    declared, and at most max_decoded_pixels decoded at full resolution (413 otherwise). The pixels are then
+    converted to uint8 RGB in strips, never as a full-size float or 16-bit copy."""
     if not data:
         raise InputError(f"empty request body: send the image bytes ({FORMAT_NAMES})")
+    try:
+        check_structure(data)
+    except StructureError as e:
+        raise InputError(f"image too costly to parse: {e}", e.status) from None
     try:
         im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
@@ -148,19 +165,40 @@ def decode(data: bytes | bytearray | memoryview, cfg: PipelineConfig) -> tuple[n
             f"the limit is {cfg.max_image_pixels / 1e6:.0f} megapixels",
             413,
         )
-    drafted = cfg.reduced_decode and im.format in ("JPEG", "MPO")
+    jpeg = im.format in ("JPEG", "MPO")
+    streamed = jpeg and jpeg_streams(data)
+    limit, how = decoded_pixel_limit(im.format, streamed, cfg)
+    if not streamed and width * height > limit:
+        raise InputError(
+            f"image too large: {width}x{height} = {width * height / 1e6:.1f} megapixels; {how}, and the limit "
+            f"for that is {limit / 1e6:.3g} megapixels (a baseline JPEG may have {cfg.max_image_pixels / 1e6:.3g})",
+            413,
+        )
+    drafted = cfg.reduced_decode and jpeg
     if drafted:
         # Pillow picks the largest 1/2, 1/4 or 1/8 scale keeping both sides >= the requested size.
         side = 2 * cfg.image_size
         im.draft("RGB", (side, side))
+    if streamed and im.size[0] * im.size[1] > limit:  # too thin to be reduced enough, or reduced_decode off
+        raise InputError(
+            f"image too large: {width}x{height} decodes to {im.size[0] * im.size[1] / 1e6:.1f} megapixels at "
+            f"its smallest scale; the limit for that is {limit / 1e6:.3g} megapixels",
+            413,
+        )
     try:
         im.load()
-        im = ImageOps.exif_transpose(im)
+        orientation = im.getexif().get(ORIENTATION_TAG, 1)
+        if im.format == "WEBP":  # libwebp's canvases and the frame's bytes: full-size copies no longer needed
+            im._decoder = None  # type: ignore[attr-defined]
+            im.fp = None
         rgb = _to_rgb(im)
     except InputError:
         raise
     except Exception as e:
         raise InputError(f"corrupt or truncated image data ({im.format}): {e}") from None
+    im.close()
+    del im  # the decoder's full-size image goes before the turned copy is made
+    rgb = orient(rgb, orientation)
     if not drafted:
         height, width = rgb.shape[:2]
     elif width != height and (rgb.shape[1] > rgb.shape[0]) != (width > height):
@@ -168,16 +206,73 @@ def decode(data: bytes | bytearray | memoryview, cfg: PipelineConfig) -> tuple[n
     return rgb, (width, height)
 
 
+ORIENTATION_TAG = 0x0112
+# EXIF orientation -> the numpy view that ImageOps.exif_transpose's Image.transpose gives, pixel for pixel.
+_ORIENT: dict[int, Callable[[np.ndarray], np.ndarray]] = {
+    2: lambda a: a[:, ::-1],  # FLIP_LEFT_RIGHT
+    3: lambda a: a[::-1, ::-1],  # ROTATE_180
+    4: lambda a: a[::-1],  # FLIP_TOP_BOTTOM
+    5: lambda a: a.transpose(1, 0, 2),  # TRANSPOSE
+    6: lambda a: np.rot90(a, -1),  # ROTATE_270 (Pillow turns counter-clockwise)
+    7: lambda a: a.transpose(1, 0, 2)[::-1, ::-1],  # TRANSVERSE
+    8: lambda a: np.rot90(a, 1),  # ROTATE_90
+}
+
+
+def orient(rgb: np.ndarray, orientation: object) -> np.ndarray:
+    """Apply an EXIF orientation to HxWx3 pixels exactly as ImageOps.exif_transpose does (other values: none)."""
+    turn = _ORIENT.get(orientation) if isinstance(orientation, int) else None
+    return rgb if turn is None else np.ascontiguousarray(turn(rgb))
+
+
+# Peak bytes per decoded pixel, measured (docs/SECURITY.md, "Image decoders"): the decoder's image (Pillow keeps
+# 4 bytes a pixel for every mode wider than one byte) and our uint8 RGB (3), ~8 for most decoders. Pillow's WebP
+# also holds libwebp's two canvases and the frame's bytes (~16); a progressive or multi-scan JPEG holds every
+# coefficient (up to 8 bytes a pixel for CMYK) beside its image (~12).
+PEAK_BYTES_PER_PIXEL = {"default": 8, "WEBP": 16, "buffered JPEG": 12}
+
+
+def decoded_pixel_limit(fmt: str | None, streamed_jpeg: bool, cfg: PipelineConfig) -> tuple[int, str]:
+    """How many pixels a format may decode at full resolution, and why (for the 413 message): max_decoded_pixels
+    for a decoder that peaks at ~8 bytes a pixel, proportionally fewer for the hungrier ones, so that every
+    format's worst input costs the same. A JPEG that libjpeg streams is bounded by the size it decodes to
+    (reduced), every other image by its own size."""
+    if streamed_jpeg:
+        kind, how = "default", "a JPEG decoded at a reduced scale"
+    elif fmt in ("JPEG", "MPO"):
+        kind, how = "buffered JPEG", "this JPEG (progressive, lossless or multi-scan) is buffered whole"
+    elif fmt == "WEBP":
+        kind, how = "WEBP", "a WebP image is decoded whole, in several buffers"
+    else:
+        kind, how = "default", f"a {fmt} image is decoded whole"
+    return cfg.max_decoded_pixels * PEAK_BYTES_PER_PIXEL["default"] // PEAK_BYTES_PER_PIXEL[kind], how
+
+
+STRIP_BYTES = 4 << 20  # converted a few MiB at a time: a strip's copies are small next to the image
+
+
 def _to_rgb(im: Image.Image) -> np.ndarray:
-    """Every mode to 8-bit RGB. Alpha is dropped, as cv2.imread(IMREAD_COLOR) does in training code."""
+    """Every mode to 8-bit RGB, in horizontal strips written into one uint8 array: the decoder's image and
+    the result are the only full-size buffers. Alpha is dropped, as cv2.imread(IMREAD_COLOR) does in training
+    code. 16-bit and 32-bit integer grayscale scale their full range to 8 bits, round(v / 257) (Pillow's
+    convert would clip at 255), in integers; float grayscale rounds and clips its values."""
+    width, height = im.size
+    out = np.empty((height, width, 3), np.uint8)
+    rows = max(1, STRIP_BYTES // (4 * width))
+    for top in range(0, height, rows):
+        strip = im.crop((0, top, width, min(height, top + rows)))
+        out[top:top + rows] = _strip_rgb(strip)
+    return out
+
+
+def _strip_rgb(im: Image.Image) -> np.ndarray:
+    """One strip to uint8 RGB (or uint8 gray, broadcast over the channels by the caller)."""
     if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        # 16-bit grayscale: scale the full range to 8 bits (Pillow's convert would clip at 255).
-        a = np.asarray(im).astype(np.float64)
-        gray = np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8)
-        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+        # round(v / 257) without floats: 257 is odd, so v / 257 is never a tie and (v + 128) // 257 is exact.
+        a = np.asarray(im).astype(np.int64)
+        return np.clip((a + 128) // 257, 0, 255).astype(np.uint8)[:, :, None]
     if im.mode == "F":
-        gray = np.clip(np.rint(np.asarray(im, dtype=np.float64)), 0, 255).astype(np.uint8)
-        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+        return np.clip(np.rint(np.asarray(im, dtype=np.float64)), 0, 255).astype(np.uint8)[:, :, None]
     if im.mode != "RGB":
         im = im.convert("RGB")
     return np.asarray(im)

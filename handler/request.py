@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,54 @@ HOW_TO_SEND = (
 )
 
 
+# JSON bodies are parsed here, not by TorchServe's worker (melanoma_handler sets TS_DECODE_INPUT_REQUEST=false):
+# parsed whole, a 26 MiB body of empty objects, [{},{},...], grew ~22x (570 MiB) in the worker. What grows is the
+# number of values, not the bytes (a base64 image parses to one string of its own size), so the structure is
+# bounded: our bodies have a handful of values ({"image": "<base64>", "overlay": true}; KServe v1 a few per
+# instance), and a body with more '{', '[', ',' or ':' than this is refused before parsing.
+MAX_JSON_PUNCTUATION = 256
+# KServe v1 instances per request (service_envelope=kserve): each is decoded and scored, and each decode may
+# cost up to ~2 s of CPU at the pixel limits, so 8 keep one request within the archive's 60 s responseTimeout.
+MAX_INSTANCES = 8
+
+
+def parse_json(raw: bytes | bytearray) -> Any:
+    """A JSON body, parsed only if its structure is small (413 otherwise; 400 if it does not parse)."""
+    punctuation = sum(raw.count(c) for c in (b"{", b"[", b",", b":"))
+    if punctuation > MAX_JSON_PUNCTUATION:
+        raise InputError(f"JSON body with {punctuation} objects, arrays or values: the limit is "
+                         f"{MAX_JSON_PUNCTUATION}; {HOW_TO_SEND}", 413)
+    try:
+        return json.loads(bytes(raw).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise InputError("the body looks like JSON but does not parse; " + HOW_TO_SEND) from None
+
+
+@dataclass
+class Refused:
+    """A whole request the envelope could not unpack (over a limit, or not a KServe v1 body): answered with its
+    status, never scored."""
+
+    error: InputError
+
+
+def envelope_instances(body: Any) -> list[Any]:
+    """The instances of a KServe v1 body ({"instances": [...]}), within the limits; a request that is over them
+    or malformed becomes one Refused row."""
+    try:
+        if isinstance(body, (bytes, bytearray)):
+            body = parse_json(body)
+        instances = body.get("instances") if isinstance(body, Mapping) else None
+        if not isinstance(instances, list) or not instances:
+            raise InputError('a KServe v1 request is {"instances": [{"data": "<base64 image>"}, ...]}')
+        if len(instances) > MAX_INSTANCES:
+            raise InputError(f"{len(instances)} instances in one request: the limit is {MAX_INSTANCES}; "
+                             "send the rest in further requests", 413)
+    except InputError as e:
+        return [Refused(e)]
+    return instances
+
+
 def request_bytes(row: Mapping[str, Any]) -> bytes:
     """The image bytes of one request, whatever way it was sent."""
     for key in ("data", "file", "body"):
@@ -31,7 +80,11 @@ def request_bytes(row: Mapping[str, Any]) -> bytes:
     else:
         names = ", ".join(sorted(str(k) for k in row)) or "none"
         raise InputError(f"no image in the request (fields: {names}): {HOW_TO_SEND}")
-    if isinstance(value, Mapping):  # TorchServe already parsed an application/json body
+    if isinstance(value, (bytes, bytearray)) and bytes(value[:64]).lstrip()[:1] in (b"{", b"["):
+        value = parse_json(value)  # a JSON body (TorchServe's worker leaves it unparsed: see parse_json)
+        if not isinstance(value, Mapping):
+            raise InputError(f"a JSON body must be an object, {{\"image\": \"<base64>\"}}: {HOW_TO_SEND}")
+    if isinstance(value, Mapping):
         image = value.get("image")
         if not isinstance(image, str) or not image:
             raise InputError("JSON body needs an \"image\" field holding the base64-encoded image")
@@ -42,8 +95,12 @@ def request_bytes(row: Mapping[str, Any]) -> bytes:
         except (binascii.Error, ValueError):
             raise InputError("the JSON \"image\" field is not valid base64") from None
     if isinstance(value, (bytes, bytearray)):
-        if bytes(value[:64]).lstrip()[:1] in (b"{", b"["):  # JSON TorchServe could not parse
-            raise InputError("the body looks like JSON but does not parse; " + HOW_TO_SEND)
+        if key == "body" and not bytes(value[:8]).startswith(IMAGE_MAGIC) and value.isascii():
+            # a text/plain request body holding a base64 image, which TorchServe's worker now passes undecoded
+            # (a multipart field, as before, is read as image bytes whatever it holds)
+            image = base64_image(bytes(value).decode("ascii"))
+            if image is not None:
+                return image
         return bytes(value)
     if isinstance(value, str):
         image = base64_image(value)
@@ -117,12 +174,16 @@ class Request:
     body: dict[str, Any] = field(default_factory=dict)
     status: int = 200
     inline: bool = False  # an instance of TorchServe's KServe envelope: answered as a dict, errors inline
+    whole: bool = False  # the envelope refused the whole request (envelope_instances): answered with its status
 
 
 def parse_request(row: Any, context: Any, slot: int, inline: bool = False) -> Request:
     """The request record of one row; a row that cannot be read carries its InputError instead."""
     req = Request(slot, inline=inline)
     try:
+        if isinstance(row, Refused):
+            req.whole = True
+            raise row.error
         if not isinstance(row, Mapping):
             raise InputError(f"each request must be an object, got {type(row).__name__}: {HOW_TO_SEND}")
         req.payload = request_bytes(row)

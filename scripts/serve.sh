@@ -21,7 +21,15 @@ fi
 ts=.venv/bin/torchserve
 "$ts" --stop >/dev/null 2>&1 || true   # restart cleanly if one is already running
 rm -f key_file.json                      # a fresh key file, never a stale key
-mkdir -p logs
+# Everything the server writes is private from its first byte: TorchServe writes key_file.json and only then sets
+# mode 600, and unpacks the archive (whose handler it runs) under java.io.tmpdir, by default the system temp
+# folder's shared models/, which another local user could create first and fill. Ours: run/tmp (TEMP is what
+# TorchServe's launcher passes as java.io.tmpdir).
+umask 077
+mkdir -p logs run/tmp
+chmod 700 run/tmp
+rm -rf run/tmp/models
+export TEMP="$root/run/tmp"
 # The daemon keeps whatever streams it is given: hand it a file, not this terminal or a pipe.
 "$ts" --start --ts-config config.properties --log-config log4j2.xml --ncs >logs/torchserve.out 2>&1 </dev/null \
   || { echo "serve: error: torchserve did not start; see logs/torchserve.out" >&2; exit 1; }

@@ -39,26 +39,48 @@ fi
 
 # Install only when the pinned requirements changed since the last successful install.
 stamp=.venv/.requirements-$(basename "$reqs" .txt).sha256
-want=$(cat requirements.txt requirements-app.txt requirements-openvino.txt requirements-evaluation.txt "$reqs" | sha256sum | cut -d' ' -f1)
-# torch first, as the CPU build: the +cpu local version can only be met by a CPU wheel, so this can never
-# resolve to PyPI's CUDA build (several GB with its nvidia-* packages). The wheel comes from PyTorch's CPU
-# index when this machine reaches it, else from wherever pip is configured to find it (a local wheel); with
-# neither, set-up stops here. requirements.txt's torch==2.13.0 is then already met by 2.13.0+cpu.
+want=$(cat requirements.txt requirements.lock requirements-app.txt requirements-openvino.txt requirements-evaluation.txt "$reqs" \
+  | sha256sum | cut -d' ' -f1)
+# One index per package, never two for one name (the torchtriton kind of mix-up):
+#  - torch, the CPU build, from PyTorch's CPU index alone (--isolated: this machine's pip configuration adds no
+#    other index), without its dependencies, which are pinned in requirements.txt. The +cpu local version can only
+#    be met by a CPU wheel (PyPI accepts no local versions), so it never resolves to PyPI's CUDA build. Where that
+#    index is out of reach, pip's own configuration may offer a local copy of the same wheel; with neither,
+#    set-up stops here.
+#  - the serving set, from PyPI alone, every file checked against requirements.lock's SHA-256
+#    (--require-hashes; scripts/lock_requirements.py writes it). A machine whose pip configuration serves its own
+#    copies: MELANOMA_PIP_CONFIGURED=1 installs requirements.txt through that configuration, unchecked.
+#  - the optional sets (--app, --dev, --openvino) on top, pinned, through pip's configuration.
 torch_pin="torch==2.13.0+cpu"
 cpu_index=https://download.pytorch.org/whl/cpu
+pypi=https://pypi.org/simple
+pip=(.venv/bin/python -m pip --disable-pip-version-check)
+reachable() { .venv/bin/python -c "import sys, urllib.request as u; u.urlopen(sys.argv[1], timeout=5)" "$1" 2>/dev/null; }
 if [[ "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
   if ! .venv/bin/python -c 'import sys, torch; sys.exit(torch.__version__ != "2.13.0+cpu")' 2>/dev/null; then
-    extra=()
-    if .venv/bin/python -c "import urllib.request as u; u.urlopen('$cpu_index/torch/', timeout=5)" 2>/dev/null; then
-      extra=(--extra-index-url "$cpu_index")
+    if reachable "$cpu_index/torch/"; then
+      say "installing $torch_pin (the CPU build, ~200 MB) from $cpu_index alone"
+      "${pip[@]}" --isolated install --quiet --no-deps --index-url "$cpu_index" "$torch_pin" \
+        || die "could not install $torch_pin from $cpu_index"
+    else
+      say "$cpu_index is out of reach: installing $torch_pin as pip is configured here (a local copy of that wheel)"
+      "${pip[@]}" install --quiet --no-deps "$torch_pin" \
+        || die "could not install $torch_pin: pip needs PyTorch's CPU wheel index ($cpu_index) or a local copy of that wheel; PyPI alone only has the CUDA build"
     fi
-    say "installing $torch_pin (the CPU build, ~200 MB)${extra:+ from $cpu_index}"
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check "${extra[@]}" "$torch_pin" \
-      || die "could not install $torch_pin: pip needs PyTorch's CPU wheel index ($cpu_index) or a local copy of that wheel; PyPI alone only has the CUDA build"
   fi
-  say "installing pinned requirements ($reqs); a few minutes on first run"
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -r "$reqs" \
-    || die "pip install -r $reqs failed (see above)"
+  if [[ -z "${MELANOMA_PIP_CONFIGURED:-}" ]] && reachable "$pypi/pip/"; then
+    say "installing the serving set from $pypi, hash-checked (requirements.lock)"
+    "${pip[@]}" --isolated install --quiet --require-hashes --no-deps --index-url "$pypi" -r requirements.lock \
+      || die "pip install --require-hashes -r requirements.lock failed (see above): a file that does not match its pinned SHA-256 is refused"
+  else
+    say "installing the serving set as pip is configured here (not hash-checked${MELANOMA_PIP_CONFIGURED:+: MELANOMA_PIP_CONFIGURED}${MELANOMA_PIP_CONFIGURED:-: $pypi out of reach})"
+    "${pip[@]}" install --quiet -r requirements.txt || die "pip install -r requirements.txt failed (see above)"
+  fi
+  if [[ "$reqs" != requirements.txt ]]; then
+    say "installing pinned requirements ($reqs); a few minutes on first run"
+    "${pip[@]}" install --quiet -r "$reqs" || die "pip install -r $reqs failed (see above)"
+  fi
+  "${pip[@]}" check >/dev/null || die "the installed packages do not fit together: $("${pip[@]}" check | head -3)"
   echo "$want" > "$stamp"
 fi
 # Never a CUDA torch on a machine without a GPU: it would not fit a small instance's disk and cannot run.

@@ -147,7 +147,7 @@ def start_server(store: Path, workdir: Path, overrides: dict[str, str] | None = 
     proc = subprocess.Popen([str(VENV_BIN / "torchserve"), "--start", "--foreground", "--ncs",
                              "--ts-config", str(cfg), "--log-config", str(log_config or ROOT / "log4j2.xml")],
                             cwd=workdir, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=subprocess.STDOUT, start_new_session=True, umask=0o077)  # as every starter
     server = Server(props["inference_address"], props["management_address"],
                     props["metrics_address"], workdir, proc, props)
     if wait_ready(server.management, server.key_file, timeout=timeout, alive=lambda: proc.poll() is None):

@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import grp
 import json
 import os
+import pwd
 import secrets
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -63,6 +66,10 @@ class Cluster:
     per_instance: int = 4  # requests in flight per instance before nginx sheds with 503 (see nginx.conf.template)
     tls_cert: str | None = None  # PEM chain and key: nginx terminates HTTPS on `listen`
     tls_key: str | None = None
+    worker_user: str = "nobody"  # nginx's workers when the gateway is started by root (never root itself)
+    max_connections: int = 64  # connections one client address may hold open (nginx.conf.template)
+    rate: int = 20  # requests a second one client address may start, with a burst of twice that
+    worker_temp: str | None = None  # root starts: the workers' own folder for buffered bodies (make_worker_temp)
 
     @property
     def url(self) -> str:
@@ -73,7 +80,7 @@ class Cluster:
         return Path(self.workdir)
 
     def save(self) -> None:
-        (self.work / "cluster.json").write_text(json.dumps(asdict(self), indent=2) + "\n")
+        write_secret(self.work / "cluster.json", json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
     def load(cls, workdir: Path) -> Cluster:
@@ -82,7 +89,8 @@ class Cluster:
         except OSError:
             raise ClusterError(f"no cluster in {workdir} (run: cluster.py start)") from None
         return cls(d["workdir"], d["listen"], d["store"], [Instance(**i) for i in d["instances"]],
-                   d.get("per_instance", 4), d.get("tls_cert"), d.get("tls_key"))
+                   d.get("per_instance", 4), d.get("tls_cert"), d.get("tls_key"), d.get("worker_user", "nobody"),
+                   d.get("max_connections", 64), d.get("rate", 20), d.get("worker_temp"))
 
 
 def is_loopback(listen: str) -> bool:
@@ -128,20 +136,23 @@ def write_instance_config(cluster: Cluster, inst: Instance) -> Path:
     ports = (inst.inference, inst.management, inst.metrics, inst.grpc_inference, inst.grpc_management)
     props = instance_properties(ports, cluster.store, inst.workdir)
     path = Path(inst.workdir) / "config.properties"
-    path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+    write_secret(path, "".join(f"{k}={v}\n" for k, v in props.items()))
     return path
 
 
 def start_instance(cluster: Cluster, inst: Instance) -> None:
-    Path(inst.workdir).mkdir(parents=True, exist_ok=True)
+    Path(inst.workdir).mkdir(mode=0o700, parents=True, exist_ok=True)
     (Path(inst.workdir) / "key_file.json").unlink(missing_ok=True)
     cfg = write_instance_config(cluster, inst)
     # taskset pins the JVM and its worker to one core; the worker then uses 1 torch thread
     # (handler/archive.usable_cpus reads the affinity and the cgroup quota), so instances do not fight over cores.
     cmd = ["taskset", "-c", str(inst.cpu), torchserve_binary(), "--start", "--ncs", "--ts-config", str(cfg),
            "--log-config", str(ROOT / "log4j2.xml")]
-    log = open(Path(inst.workdir) / "torchserve.out", "ab")
-    subprocess.run(cmd, cwd=inst.workdir, env=instance_env(inst), stdout=log, stderr=subprocess.STDOUT, check=True)
+    log = os.fdopen(os.open(Path(inst.workdir) / "torchserve.out", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
+    # umask 077: key_file.json (TorchServe writes it, then sets 600), logs and the unpacked archive (in the
+    # instance's private java.io.tmpdir) are private from their first byte.
+    subprocess.run(cmd, cwd=inst.workdir, env=instance_env(inst), stdout=log, stderr=subprocess.STDOUT, check=True,
+                   umask=0o077)
 
 
 def stop_instance(inst: Instance) -> None:
@@ -173,10 +184,14 @@ def render(cluster: Cluster) -> None:
         f"            proxy_read_timeout 65s;\n"
         f"        }}\n"
         f"    }}" for i in cluster.instances)
-    # Started by root, nginx runs its workers as nobody, who cannot enter this private (0700) folder, where
-    # request bodies over 1 MB are buffered: every phone photo got 500. Run them as the starting user, as a
-    # non-root start does anyway.
-    user = "user root;\n" if os.geteuid() == 0 else ""
+    # Started by root, nginx's workers (which parse every request) must not run as root: they run as an
+    # unprivileged user (--worker-user), and buffer bodies over 1 MB in a folder of that user's own (worker_temp),
+    # since this private one may sit where they cannot reach. Started by anyone else, nginx cannot switch users
+    # and its workers run as that user, in work/tmp.
+    user = ""
+    if os.geteuid() == 0:
+        owner = pwd.getpwnam(cluster.worker_user)
+        user = f"user {owner.pw_name} {grp.getgrgid(owner.pw_gid).gr_name};\n"
     text = (HERE / "nginx.conf.template").read_text()
     inflight = str(cluster.per_instance * len(cluster.instances))
     tls = ""
@@ -184,12 +199,27 @@ def render(cluster: Cluster) -> None:
         tls = (f"        ssl_certificate {cluster.tls_cert};\n"
                f"        ssl_certificate_key {cluster.tls_key};\n"
                "        ssl_protocols TLSv1.2 TLSv1.3;\n")
-    for name, value in {"work": str(work), "listen": cluster.listen + (" ssl" if cluster.tls_cert else ""),
+    per_client = str(max(1, cluster.per_instance * len(cluster.instances) // 2))
+    listen = cluster.listen + (" ssl" if cluster.tls_cert else "")
+    for name, value in {"work": str(work), "temp": cluster.worker_temp or str(work / "tmp"), "listen": listen,
                         "tls": tls, "upstream_servers": upstream, "hops": hops, "user": user,
-                        "max_inflight": inflight}.items():
+                        "max_inflight": inflight, "max_inflight_per_client": per_client,
+                        "max_connections": str(cluster.max_connections), "rate": str(cluster.rate),
+                        "burst": str(2 * cluster.rate)}.items():
         text = text.replace("${" + name + "}", value)  # nginx's own $variables stay as they are
-    (work / "nginx.conf").write_text(text)
+    write_secret(work / "nginx.conf", text)
     write_keys(cluster)
+
+
+def make_worker_temp(cluster: Cluster) -> None:
+    """Started by root: a folder (mode 700) of the unprivileged worker user's own for nginx's buffered bodies, in
+    the system temp folder (this gateway's own folder and its parents may be closed to that user). Removed by
+    stop. Not started by root: the workers are this user and buffer in the gateway's own tmp/."""
+    if os.geteuid() != 0:
+        return
+    owner = pwd.getpwnam(cluster.worker_user)
+    cluster.worker_temp = tempfile.mkdtemp(prefix="melanoma-gateway-")
+    os.chown(cluster.worker_temp, owner.pw_uid, owner.pw_gid)
 
 
 def write_secret(path: Path, text: str) -> bool:
@@ -227,21 +257,24 @@ def write_keys(cluster: Cluster) -> bool:
 def nginx(cluster: Cluster, *args: str) -> None:
     cmd = [nginx_binary(), "-p", str(cluster.work), "-e", str(cluster.work / "logs" / "nginx_error.log"),
            "-c", str(cluster.work / "nginx.conf"), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, umask=0o077)
     if proc.returncode != 0:
         raise ClusterError(f"nginx {' '.join(args) or 'start'} failed: {proc.stderr.strip()[-500:]}")
 
 
 def start(cluster: Cluster, timeout: float = 240) -> None:
+    """Every file the gateway and its instances make (key files, logs, unpacked archives, buffered bodies) is
+    private from its first byte: written 0600 here, and TorchServe and nginx run under umask 077."""
     work = cluster.work
     for sub in ("logs", "tmp"):
-        (work / sub).mkdir(parents=True, exist_ok=True)
+        (work / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
     for inst in cluster.instances:  # the JVMs start in parallel; their workers load while we wait
         start_instance(cluster, inst)
     for inst in cluster.instances:
         mgmt = f"http://127.0.0.1:{inst.management}"
         if not wait_ready(mgmt, Path(inst.workdir) / "key_file.json", timeout=timeout):
             raise ClusterError(f"instance {inst.index} not ready within {timeout:.0f} s; see {inst.workdir}/logs")
+    make_worker_temp(cluster)
     cluster.save()
     render(cluster)
     nginx(cluster, "-t")
@@ -276,6 +309,8 @@ def stop(cluster: Cluster) -> None:
     deadline = time.monotonic() + 10
     while pid_file.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
+    if cluster.worker_temp:
+        shutil.rmtree(cluster.worker_temp, ignore_errors=True)
 
 
 def plan(workdir: Path, store: Path, n: int, listen: str, first_port: int, per_instance: int = 4) -> Cluster:
@@ -302,14 +337,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--tls-key", help="the certificate's private key (PEM)")
     ap.add_argument("--insecure-http", action="store_true",
                     help="allow plain HTTP on a --listen address other than loopback (keys in clear)")
+    ap.add_argument("--max-connections", type=int, default=64,
+                    help="connections one client address may hold open (default 64)")
+    ap.add_argument("--rate", type=int, default=20,
+                    help="requests a second one client address may start, burst twice that (default 20)")
+    ap.add_argument("--worker-user", default="nobody",
+                    help="user nginx's workers run as when the gateway is started by root (default nobody)")
     args = ap.parse_args(argv)
-    if args.per_instance < 1:
-        ap.error("--per-instance must be at least 1")
+    if args.per_instance < 1 or args.max_connections < 1 or args.rate < 1:
+        ap.error("--per-instance, --max-connections and --rate must be at least 1")
+    if args.worker_user == "root":
+        ap.error("--worker-user must not be root: nginx's workers parse every request")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    os.umask(0o077)  # whatever this command writes is this user's alone
     work = Path(args.workdir).resolve()
     try:
         if args.command == "start":
@@ -320,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
             os.chmod(work, 0o700)
             cluster = plan(work, Path(args.store).resolve(), args.instances, args.listen, args.first_port,
                            args.per_instance)
+            cluster.worker_user, cluster.max_connections, cluster.rate = (args.worker_user, args.max_connections,
+                                                                          args.rate)
             if args.tls_cert:  # absolute: `refresh` renders the config again from wherever it runs
                 cluster.tls_cert = str(Path(args.tls_cert).resolve())
                 cluster.tls_key = str(Path(args.tls_key).resolve())

@@ -59,6 +59,24 @@ def test_kserve_v1_envelope(kserve: Server, demo_archive: Path) -> None:
     assert preds[1]["code"] == 415 and "not an image" in preds[1]["error"]
 
 
+def test_kserve_envelope_limits(kserve: Server) -> None:
+    """Over 8 instances, or a body of many values, the whole request is refused with 413 and our JSON, before any
+    instance is decoded (TorchServe's envelope parsed any body whole and took any number)."""
+    from handler.request import MAX_INSTANCES
+
+    instance = {"data": base64.b64encode(encode(lesion_rgb(64, 64, seed=97))).decode()}
+    url = f"{kserve.url}/predictions/melanoma"
+    r = requests.post(url, json={"instances": [instance] * (MAX_INSTANCES + 1)}, timeout=120)
+    assert r.status_code == 413, r.text
+    (refusal,) = r.json()["predictions"]
+    assert refusal["code"] == 413 and f"the limit is {MAX_INSTANCES}" in refusal["error"]
+    bomb = b'{"instances": [' + b"{}," * 100_000 + b"{}]}"
+    r = requests.post(url, data=bomb, headers={"Content-Type": "application/json"}, timeout=120)
+    assert r.status_code == 413 and "JSON body with" in r.json()["predictions"][0]["error"], r.text
+    r = requests.post(url, json={"instances": [instance] * MAX_INSTANCES}, timeout=120)
+    assert r.status_code == 200 and len(r.json()["predictions"]) == MAX_INSTANCES
+
+
 def test_sagemaker_ping_and_invocations(sagemaker: Server, demo_archive: Path) -> None:
     offline = load_archive(demo_archive)
     data = encode(lesion_rgb(seed=95))

@@ -118,10 +118,11 @@ def test_dockerfile_passes_hadolint() -> None:
 def test_dockerfile_checklist() -> None:
     text = (DEPLOY / "docker" / "Dockerfile").read_text()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
-    assert re.search(r"PYTHON_IMAGE=python:3\.11\.\d+-slim-bookworm", text)  # slim, exact tag, not latest
+    assert re.search(r"PYTHON_IMAGE=python:3\.11\.\d+-slim-bookworm@sha256:[0-9a-f]{64}\n", text)  # slim, by digest
     assert "openjdk-17-jre-headless" in text and "--no-install-recommends" in text
     assert "rm -rf /var/lib/apt/lists/*" in text and "PIP_NO_CACHE_DIR=1" in text
-    assert "-r requirements.txt" in text  # the pinned requirements
+    assert "--require-hashes --no-deps --index-url https://pypi.org/simple -r requirements.lock" in text  # hash-checked
+    assert "--extra-index-url" not in text and "--no-deps --index-url https://download.pytorch.org/whl/cpu" in text
     # --build-arg RUNTIME=openvino installs OpenVINO's pins and builds the archive for it (the default: neither)
     assert "ARG RUNTIME=torchscript" in text and '--runtime "${RUNTIME}"' in text
     assert 'if [ "$RUNTIME" = openvino ]; then /venv/bin/pip install -r requirements-openvino.txt; fi' in text
@@ -178,3 +179,57 @@ def test_jvm_sizes_do_not_depend_on_the_machine(path: str) -> None:
     small, large = jvm_sizes(vmargs, "1g"), jvm_sizes(vmargs, "64g")
     assert small == large
     assert small["InitialHeapSize"] <= 32 * 2**20  # grows only as the load needs (MaxHeapFreeRatio shrinks it)
+
+
+# The fields of Istio's security.istio.io/v1 RequestAuthentication and AuthorizationPolicy (istio.io API reference,
+# 1.22-1.26). Not the real CRDs (not vendored here): a typo or a misplaced field is caught, a field Istio removed
+# would not be.
+ISTIO_FIELDS = {
+    "AuthorizationPolicy": {"selector", "targetRef", "targetRefs", "action", "provider", "rules"},
+    "RequestAuthentication": {"selector", "targetRef", "targetRefs", "jwtRules"},
+    "rule": {"from", "to", "when"},
+    "source": {"principals", "notPrincipals", "requestPrincipals", "notRequestPrincipals", "namespaces",
+               "notNamespaces", "ipBlocks", "notIpBlocks", "remoteIpBlocks", "notRemoteIpBlocks"},
+    "operation": {"hosts", "notHosts", "ports", "notPorts", "methods", "notMethods", "paths", "notPaths"},
+    "jwtRule": {"issuer", "audiences", "jwksUri", "jwks", "fromHeaders", "fromParams", "fromCookies",
+                "outputPayloadToHeader", "forwardOriginalToken", "outputClaimToHeaders", "timeout"},
+}
+SCORING = {"/predictions/melanoma", "/explanations/melanoma"}
+
+
+def test_kserve_serves_the_cluster_only_and_scores_only_with_a_token() -> None:
+    """Token auth is off in the pod, so: cluster-local (no route from the external ingress), and the sidecar admits
+    scoring requests only with a JWT it verified; every other rule reaches health and metrics paths only."""
+    for name in ("inferenceservice.yaml", "inferenceservice-torchserve-runtime.yaml"):
+        labels = yaml.safe_load((DEPLOY / "kserve" / name).read_text())["metadata"]["labels"]
+        assert labels["networking.kserve.io/visibility"] == "cluster-local", name
+    docs = list(yaml.safe_load_all((DEPLOY / "kserve" / "authorizationpolicy.yaml").read_text()))
+    by_kind = {d["kind"]: d for d in docs}
+    assert set(by_kind) == {"RequestAuthentication", "AuthorizationPolicy"}
+    pods = yaml.safe_load((DEPLOY / "kserve" / "networkpolicy.yaml").read_text())["spec"]["podSelector"]
+    for kind, doc in by_kind.items():
+        assert doc["apiVersion"] == "security.istio.io/v1" and doc["metadata"]["namespace"] == "melanoma"
+        assert set(doc["spec"]) <= ISTIO_FIELDS[kind], set(doc["spec"]) - ISTIO_FIELDS[kind]
+        assert doc["spec"]["selector"] == pods  # the predictor's pods, as the NetworkPolicy selects them
+    (rule_jwt,) = by_kind["RequestAuthentication"]["spec"]["jwtRules"]
+    assert set(rule_jwt) <= ISTIO_FIELDS["jwtRule"] and rule_jwt["issuer"] and rule_jwt["jwksUri"]
+    policy = by_kind["AuthorizationPolicy"]["spec"]
+    assert policy["action"] == "ALLOW"  # anything no rule admits is denied
+    scoring_rules = 0
+    for rule in policy["rules"]:
+        assert set(rule) <= ISTIO_FIELDS["rule"]
+        sources = [f["source"] for f in rule.get("from", [])]
+        operations = [t["operation"] for t in rule.get("to", [])]
+        assert sources and operations, "a rule without from/to admits everyone or everything"
+        for s in sources:
+            assert set(s) <= ISTIO_FIELDS["source"]
+        for o in operations:
+            assert set(o) <= ISTIO_FIELDS["operation"] and o.get("paths")
+        paths = {p for o in operations for p in o["paths"]}
+        if paths & SCORING:
+            scoring_rules += 1
+            assert all(s.get("requestPrincipals") and "*" not in s["requestPrincipals"] for s in sources), rule
+            assert rule_jwt["issuer"] in s["requestPrincipals"][0]
+        else:
+            assert not any(p.startswith(("/predictions", "/explanations", "/invocations")) for p in paths), rule
+    assert scoring_rules == 1
