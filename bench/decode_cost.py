@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """What decoding the costliest accepted image of each format costs (issue #40): peak RSS rise and CPU seconds of
 handler.pipeline.prepare (decode -> resize -> tensor), each input in a fresh Python process (as a fresh worker),
-after every decoder has been loaded once. The inputs are testkit/worst.py's; tests/integration/test_input_costs.py
-measures the same inputs' RSS in a real TorchServe worker.
+after every decoder has been loaded once. The inputs are testkit/worst.py's;
+tests/integration/test_worker_input_costs.py measures the same inputs' RSS in a real TorchServe worker.
 
     .venv/bin/python bench/decode_cost.py [--only SUBSTRING] [--markdown]
 """

@@ -153,7 +153,8 @@ SERVERS = {"server", "server_of", "trained_server"}  # the session's read-only T
 # node ids; pytest_collection_modifyitems refuses a run where a module reading them is missing here.
 SERVED = frozenset({"tests/integration/test_serving.py", "tests/integration/test_explanations.py",
                     "tests/integration/test_evaluate.py", "tests/integration/test_train.py",
-                    "tests/integration/test_web_app.py"})
+                    "tests/integration/test_web_app.py", "tests/integration/test_worker_input_costs.py",
+                    "tests/integration/test_model_urls.py"})
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
