@@ -71,6 +71,18 @@ def envelope_instances(body: Any) -> list[Any]:
     return instances
 
 
+def with_json_parsed(row: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The row with a JSON body parsed (within parse_json's limits), once: the image and the overlay flag are both
+    read from it. TorchServe's worker leaves JSON unparsed (TS_DECODE_INPUT_REQUEST=false: see parse_json)."""
+    for key in ("data", "file", "body"):
+        value = row.get(key)
+        if value is not None:
+            if isinstance(value, (bytes, bytearray)) and bytes(value[:64]).lstrip()[:1] in (b"{", b"["):
+                return {**row, key: parse_json(value)}
+            return row
+    return row
+
+
 def request_bytes(row: Mapping[str, Any]) -> bytes:
     """The image bytes of one request, whatever way it was sent."""
     for key in ("data", "file", "body"):
@@ -186,6 +198,7 @@ def parse_request(row: Any, context: Any, slot: int, inline: bool = False) -> Re
             raise row.error
         if not isinstance(row, Mapping):
             raise InputError(f"each request must be an object, got {type(row).__name__}: {HOW_TO_SEND}")
+        row = with_json_parsed(row)
         req.payload = request_bytes(row)
         req.explain = is_explanation(context, slot)
         req.overlay = req.explain and wants_overlay(row, request_headers(context, slot))

@@ -76,6 +76,24 @@ def test_each_row_is_parsed_once_into_its_own_record() -> None:
     assert bad.error is not None and bad.error.status == 400 and "fields: photo" in str(bad.error)
 
 
+def test_a_json_body_asks_for_its_overlay() -> None:
+    """The worker hands JSON over unparsed (TS_DECODE_INPUT_REQUEST=false): {"image": ..., "overlay": true} as
+    bytes still asks an explanation for its overlay (it once lost it: the flag was looked for in a dict)."""
+    import json
+
+    from handler.request import parse_request
+
+    class Context:
+        def get_request_header(self, idx: int, name: str) -> str | None:
+            return "True" if name == "explain" else None
+
+    body = json.dumps({"image": base64.b64encode(JPEG).decode(), "overlay": True}).encode()
+    req = parse_request({"body": bytearray(body)}, Context(), 0)
+    assert (req.payload, req.explain, req.overlay, req.error) == (JPEG, True, True, None)
+    plain = parse_request({"body": bytearray(body.replace(b"true", b"false"))}, Context(), 0)
+    assert (plain.payload, plain.overlay) == (JPEG, False)
+
+
 def test_the_adapter_defines_exactly_one_class() -> None:
     """TorchServe's model loader refuses a handler module that defines more than one class (a dataclass
     beside the handler made every worker fail to load); this is its own rule, applied to our module."""

@@ -81,7 +81,8 @@ def test_a_record_this_version_cannot_read_is_refused(record: object, tmp_path: 
 
 # A value other than the default for every field of PipelineConfig.
 OTHER = {"image_size": 96, "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25), "max_pixel_value": 1.0,
-         "tta_views": 4, "threshold": 0.3, "max_image_pixels": 10_000, "reduced_decode": False,
+         "tta_views": 4, "threshold": 0.3, "max_image_pixels": 10_000, "max_decoded_pixels": 10_000,
+         "reduced_decode": False,
          "interpolation": "area", "area_for_downscale": False, "temperature": 2.0}
 
 
