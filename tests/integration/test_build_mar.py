@@ -52,6 +52,7 @@ def test_demo_archive_contents(demo_archive: Path) -> None:
     assert packed == {f"handler/{f.name}" for f in (ROOT / "handler").glob("*.py")}
 
 
+@pytest.mark.slow  # full depth only: not a main path, and ~30-60 s here
 def test_a_handler_module_added_later_is_packed_and_served(tmp_path: Path) -> None:
     """No hand-kept file list: a copy of the build's inputs gets a new module in handler/, imported by the adapter
     as any new helper would be; its archive holds it, and real TorchServe loads and serves it."""
@@ -264,6 +265,7 @@ def test_bad_options_fail_fast(tmp_path: Path) -> None:
     assert proc.returncode != 0 and "does not exist" in proc.stderr
 
 
+@pytest.mark.slow  # full depth only: not a main path, and ~30-60 s here
 def test_two_builds_at_once_do_not_collide(tmp_path: Path) -> None:
     """torch-model-archiver stages in $TMPDIR/<model name>: each build gives it its own folder, so a user's
     build and a test's (or two tests') can run at the same time. One thread each: two builds of two OpenMP

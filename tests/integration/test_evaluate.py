@@ -103,6 +103,7 @@ def test_served_offline_and_compare(server: Server, demo_archive: Path, dataset:
     assert c["images"] == 16 and c["max_abs_delta"] <= SAME_ARCHIVE_DP
 
 
+@pytest.mark.slow  # full depth only: not a main path, and ~30-60 s here
 def test_resume_scores_only_what_is_left_and_only_with_the_same_model(demo_archive: Path, dataset: Path,
                                                                       tmp_path: Path) -> None:
     out = tmp_path / "resume"

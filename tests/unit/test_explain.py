@@ -107,6 +107,7 @@ def test_flipped_image_gives_mirrored_heatmap(demo_explainer: Explainer) -> None
     assert float((a[0] - c[0].flip(-2)).abs().max()) <= 1e-5
 
 
+@pytest.mark.slow  # full depth only: not a main path, and ~30-60 s here
 def test_heatmap_peak_falls_inside_the_blob() -> None:
     """A model whose head is fitted to respond to a dark blob: the heatmap's peak is on the blob,
     wherever the blob is (the pointing game of docs/EXPLANATIONS.md, 8 placements)."""
