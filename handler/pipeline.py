@@ -42,6 +42,19 @@ INTERPOLATIONS = {"nearest": cv2.INTER_NEAREST, "linear": cv2.INTER_LINEAR, "cub
 # write as JPEG.
 ALLOWED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF", "HEIF"})
 FORMAT_NAMES = "JPEG, PNG, WebP, BMP, GIF, TIFF or HEIC"
+# How each allowed format's bytes begin (MPO is a JPEG): what base64 text must decode to before it is taken for an
+# image rather than text (handler/request.py). HEIF is an ISO base media file: a box size, "ftyp", then a brand.
+SIGNATURES = {"JPEG": (b"\xff\xd8\xff",), "PNG": (b"\x89PNG",), "GIF": (b"GIF8",), "WEBP": (b"RIFF",), "BMP": (b"BM",),
+              "TIFF": (b"II*\x00", b"MM\x00*")}
+HEIF_BRANDS = frozenset({b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"})
+
+
+def sniff_format(head: bytes) -> str | None:
+    """The allowed format `head` (an image's first bytes) starts like, or None."""
+    fmt = next((f for f, prefixes in SIGNATURES.items() if head.startswith(prefixes)), None)
+    if fmt is None and head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS:
+        fmt = "HEIF"
+    return fmt
 # The fields that decide the pixels the network sees (decode, resize, normalise): a network must be served with the
 # values it was trained with. The others (TTA views, threshold, temperature, the size limit) are serving choices.
 PREPROCESSING = ("image_size", "mean", "std", "max_pixel_value", "reduced_decode", "interpolation",

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from handler.pipeline import InputError, Score
+from handler.pipeline import InputError, Score, sniff_format
 
 TRUE = ("1", "true", "yes")
 HOW_TO_SEND = (
@@ -107,7 +107,7 @@ def request_bytes(row: Mapping[str, Any]) -> bytes:
         except (binascii.Error, ValueError):
             raise InputError("the JSON \"image\" field is not valid base64") from None
     if isinstance(value, (bytes, bytearray)):
-        if key == "body" and not bytes(value[:8]).startswith(IMAGE_MAGIC) and value.isascii():
+        if key == "body" and sniff_format(bytes(value[:16])) is None and value.isascii():
             # a text/plain request body holding a base64 image, which TorchServe's worker now passes undecoded
             # (a multipart field, as before, is read as image bytes whatever it holds)
             image = base64_image(bytes(value).decode("ascii"))
@@ -122,9 +122,6 @@ def request_bytes(row: Mapping[str, Any]) -> bytes:
     raise InputError(f"unsupported body of type {type(value).__name__}: {HOW_TO_SEND}", 415)
 
 
-IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"RIFF", b"BM", b"II*\x00", b"MM\x00*")
-
-
 def base64_image(text: str) -> bytes | None:
     """The decoded bytes if `text` is base64 (or a data URL) of something that starts like an image."""
     if text.startswith("data:") and "," in text:
@@ -133,7 +130,7 @@ def base64_image(text: str) -> bytes | None:
         raw = base64.b64decode(text.strip(), validate=True)
     except (binascii.Error, ValueError):
         return None
-    return raw if raw.startswith(IMAGE_MAGIC) else None
+    return raw if sniff_format(raw[:16]) is not None else None
 
 
 def wants_overlay(row: Mapping[str, Any], headers: Mapping[str, Any]) -> bool:

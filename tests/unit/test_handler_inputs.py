@@ -76,6 +76,21 @@ def test_each_row_is_parsed_once_into_its_own_record() -> None:
     assert bad.error is not None and bad.error.status == 400 and "fields: photo" in str(bad.error)
 
 
+def test_every_allowed_format_is_known_by_its_first_bytes() -> None:
+    """One list: the formats the pipeline decodes (ALLOWED_FORMATS) are the ones base64 text is recognised as
+    (a base64 HEIC in a KServe instance was once answered 415, its magic bytes missing from a second list)."""
+    from handler.pipeline import ALLOWED_FORMATS, SIGNATURES, sniff_format
+    from testkit.imaging import variants
+
+    assert set(SIGNATURES) | {"HEIF", "MPO"} == ALLOWED_FORMATS  # MPO is a JPEG by its bytes
+    sent = variants(seed=2)
+    for name, fmt in (("jpeg", "JPEG"), ("png", "PNG"), ("gif", "GIF"), ("webp", "WEBP"), ("bmp", "BMP"),
+                      ("tiff", "TIFF"), ("heic", "HEIF"), ("exif6_heic", "HEIF")):
+        assert sniff_format(sent[name][:16]) == fmt, name
+        assert request_bytes({"data": base64.b64encode(sent[name]).decode()}) == sent[name], name  # KServe v1
+    assert sniff_format(b"plain text, long enough") is None
+
+
 def test_a_json_body_asks_for_its_overlay() -> None:
     """The worker hands JSON over unparsed (TS_DECODE_INPUT_REQUEST=false): {"image": ..., "overlay": true} as
     bytes still asks an explanation for its overlay (it once lost it: the flag was looked for in a dict)."""
