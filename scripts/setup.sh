@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up everything the project needs, idempotently: Python >= 3.10, Java 17+, and .venv/ with the
+# Set up everything the project needs, idempotently: Python >= 3.11, Java 17+, and .venv/ with the
 # pinned requirements. Usage: scripts/setup.sh [--app | --dev | --openvino]   (--app adds the web page's
 # packages, --dev those, OpenVINO and the test and lint tools, --openvino the runtime that archives built
 # with ./build_mar.sh --runtime openvino need)
@@ -30,8 +30,8 @@ fi
 
 # Python
 py="${PYTHON:-python3}"
-command -v "$py" >/dev/null 2>&1 || die "python3 not found; install Python 3.10 or newer"
-"$py" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || die "Python 3.10+ is required; found $("$py" --version 2>&1)"
+command -v "$py" >/dev/null 2>&1 || die "python3 not found; install Python 3.11 or newer"
+"$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || die "Python 3.11+ is required (the pinned numpy 2.4 needs it); found $("$py" --version 2>&1)"
 if [[ ! -x .venv/bin/python ]]; then
   say "creating .venv/"
   "$py" -m venv .venv || die "could not create .venv (on Debian/Ubuntu: sudo apt-get install -y python3-venv)"
